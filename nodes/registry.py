@@ -142,3 +142,10 @@ class RunContext:
     node_id: str = ""
     progress: Callable[[int, int], None] | None = None
     cache: dict = field(default_factory=dict)   # loaded models, keyed by path and options
+
+    @property
+    def torch_dtype(self):
+        """The compute dtype for diffusion models ("fp32" | "fp16" | "bf16")."""
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]

@@ -1,0 +1,65 @@
+"""User-facing errors: every problem names the node, its class_type, the input, expected and found.
+
+Codes are ComfyUI's own (``required_input_missing``, ``return_type_mismatch``,
+``value_not_in_list``, ...) so people who know ComfyUI's messages recognise them.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str
+    message: str
+    node_id: str | None = None
+    class_type: str | None = None
+    title: str | None = None
+    input_name: str | None = None
+    expected: str | None = None
+    found: str | None = None
+    hint: str | None = None
+
+    def format(self) -> str:
+        where = []
+        if self.node_id is not None:
+            node = f"node {self.node_id}"
+            if self.class_type:
+                node += f" ({self.class_type}"
+                node += f' "{self.title}")' if self.title and self.title != self.class_type else ")"
+            where.append(node)
+        if self.input_name is not None:
+            where.append(f"input '{self.input_name}'")
+        text = ", ".join(where)
+        text = f"{text}: {self.code}: {self.message}" if text else f"{self.code}: {self.message}"
+        details = []
+        if self.expected is not None:
+            details.append(f"expected {self.expected}")
+        if self.found is not None:
+            details.append(f"found {self.found}")
+        if details:
+            text += f" ({'; '.join(details)})"
+        if self.hint:
+            text += f" {self.hint}"
+        return text
+
+
+class KilnError(Exception):
+    """One or more user errors; the CLI prints each and exits with status 2."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(p.format() for p in self.problems))
+
+
+def did_you_mean(value: object, choices: Iterable[str]) -> str | None:
+    """``did you mean 'x'?`` for the closest choice, if any is close."""
+    matches = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"(did you mean {matches[0]!r}?)" if matches else None
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,77 @@
+"""The eager interpreter: runs a validated graph node by node with the nodes' own functions.
+
+It is the reference every compiled plan is checked against and the engine of constant
+folding. Values are freed as soon as their last consumer has run; a failing node is
+reported with its id, class_type and the exception, never as a bare traceback.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kiln.compiler.errors import KilnError, Problem
+from kiln.compiler.graph import Graph, Link
+from kiln.nodes import registry
+from kiln.nodes.registry import RunContext
+
+
+@dataclass
+class NodeTiming:
+    node_id: str
+    class_type: str
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, tuple] = field(default_factory=dict)   # the output nodes' results
+    timings: list[NodeTiming] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)            # files written by SaveImage
+
+
+def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None,
+              keep: set[str] | None = None,
+              on_node: Callable[[str, str], None] | None = None) -> RunResult:
+    """Evaluate the nodes ``targets`` (default: the output nodes) depend on.
+
+    ``keep`` names nodes whose outputs are returned in ``RunResult.outputs`` besides the targets.
+    """
+    defs = {node_id: registry.get(node.class_type) for node_id, node in graph.nodes.items()}
+    if targets is None:
+        targets = [node_id for node_id, d in defs.items() if d is not None and d.output_node]
+    order = graph.topological_order(targets)
+    keep = set(targets) | (keep or set())
+    remaining_uses = Counter(link.node_id for node_id in order for _, link in graph.nodes[node_id].links())
+    values: dict[str, tuple] = {}
+    result = RunResult()
+    with torch.inference_mode():
+        for node_id in order:
+            node = graph.nodes[node_id]
+            node_def = defs[node_id]
+            kwargs = {name: (values[v.node_id][v.slot] if isinstance(v, Link) else v)
+                      for name, v in node.inputs.items() if node_def.input(name) is not None}
+            if on_node is not None:
+                on_node(node_id, node.class_type)
+            ctx.node_id = node_id
+            start = time.perf_counter()
+            try:
+                out = node_def.function(ctx, **kwargs) if node_def.needs_context else node_def.function(**kwargs)
+            except KilnError:
+                raise
+            except Exception as exc:  # reported with the node named; --debug shows the traceback
+                raise KilnError([Problem("exception_during_execution", f"{type(exc).__name__}: {exc}",
+                                         node_id=node_id, class_type=node.class_type,
+                                         title=node.title)]) from exc
+            result.timings.append(NodeTiming(node_id, node.class_type, time.perf_counter() - start))
+            values[node_id] = tuple(out) if out is not None else ()
+            for _, link in node.links():
+                remaining_uses[link.node_id] -= 1
+                if remaining_uses[link.node_id] == 0 and link.node_id not in keep:
+                    del values[link.node_id]
+    result.outputs = {node_id: values[node_id] for node_id in keep if node_id in values}
+    result.saved = list(ctx.cache.get("saved_images", []))
+    return result

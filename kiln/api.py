@@ -1,0 +1,74 @@
+"""kiln's public Python API."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.compiler.errors import KilnError, Problem
+from kiln.compiler.graph import Graph
+from kiln.compiler.interpreter import RunResult, run_graph
+from kiln.compiler.validate import validate
+from kiln.compiler.workflow import load_workflow, parse_workflow
+from kiln.nodes import registry
+from kiln.nodes.folders import ModelFolders
+from kiln.nodes.registry import RunContext
+
+
+def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = None,
+                 extra_model_paths: str | Path | None = None, input_dir: str | Path | None = None,
+                 output_dir: str | Path = "output", device: str = "cpu", dtype: str = "fp32",
+                 seed: int | None = None, overrides: dict[tuple[str, str], Any] | None = None,
+                 progress: bool = False) -> RunResult:
+    """Validate then run an API-format workflow eagerly; SaveImage writes under ``output_dir``."""
+    graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
+    graph = apply_overrides(graph, seed=seed, overrides=overrides or {})
+    folders = ModelFolders.from_models_dir(models, extra_model_paths)
+    graph = validate(graph, folders, input_dir)
+    _check_device(device, dtype)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(models=folders, input_dir=str(input_dir) if input_dir else None,
+                     output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source)
+    if progress:
+        from kiln.progress import SamplerProgress
+
+        ctx.progress = bar = SamplerProgress(ctx)
+    try:
+        return run_graph(graph, ctx)
+    finally:
+        if progress:
+            bar.close()
+
+
+def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str, str], Any]) -> Graph:
+    """Set ``--seed`` on every seeded node and ``--set NODE.INPUT=VALUE`` values (before validation)."""
+    problems = []
+    for (node_id, input_name), value in overrides.items():
+        node = graph.nodes.get(node_id)
+        if node is None:
+            problems.append(Problem("invalid_prompt", "--set names a node that is not in the workflow",
+                                    node_id=node_id, input_name=input_name,
+                                    expected="one of " + ", ".join(sorted(graph.nodes)), found=node_id))
+            continue
+        node.inputs[input_name] = value
+    if problems:
+        raise KilnError(problems)
+    if seed is not None:
+        for node in graph.nodes.values():
+            node_def = registry.get(node.class_type)
+            if node_def is not None and node_def.seeded:
+                for spec in node_def.inputs:
+                    if spec.type == "INT" and "seed" in spec.name:
+                        node.inputs[spec.name] = seed
+    return graph
+
+
+def _check_device(device: str, dtype: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KilnError([Problem("invalid_device", "CUDA was requested but torch sees no CUDA device",
+                                 expected="--device cpu on this machine", found=device)])
+    if device == "cpu" and dtype == "fp16":
+        raise KilnError([Problem("invalid_device", "fp16 inference on CPU is not supported",
+                                 expected="--dtype fp32 or bf16 on cpu, fp16 with --device cuda",
+                                 found="--device cpu --dtype fp16")])
