@@ -84,6 +84,7 @@ class ModelSamplingDiscrete:
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor,
                       max_denoise: bool = False) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, noise)
         if max_denoise:
             noise = noise * torch.sqrt(1.0 + sigma ** 2.0)
         else:
