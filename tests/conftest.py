@@ -17,3 +17,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """A ComfyUI-layout models folder with tiny random-weight checkpoints and an ESRGAN."""
+    from kiln.demo import write_demo_models
+    from kiln.nodes.models.synthetic import write_checkpoint
+
+    root = tmp_path_factory.mktemp("models")
+    write_demo_models(root)
+    checkpoints = root / "checkpoints"
+    write_checkpoint(checkpoints / "tiny-sd2-v.safetensors", "sd2", size="tiny", seed=1, v_prediction=True)
+    write_checkpoint(checkpoints / "tiny-sdxl.safetensors", "sdxl", size="tiny", seed=2)
+    write_checkpoint(checkpoints / "tiny-sd15-inpainting.safetensors", "sd1", size="tiny", seed=3,
+                     inpainting=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def input_dir(tmp_path_factory):
+    """ComfyUI's input folder with an RGB and an RGBA test image."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("input")
+    yy, xx = np.mgrid[0:72, 0:80]
+    rgb = np.stack([(xx * 3) % 256, (yy * 3) % 256, ((xx + yy) * 2) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "input.png")
+    alpha = np.full((72, 80), 255, np.uint8)
+    alpha[20:50, 24:56] = 0   # the transparent hole is what gets inpainted
+    Image.fromarray(np.dstack([rgb, alpha])).save(root / "rgba.png")
+    return root

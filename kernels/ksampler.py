@@ -1,0 +1,81 @@
+"""ComfyUI's ``KSAMPLER.sample`` (comfy/samplers.py): start noise, inpaint blending, the sampler call.
+
+Everything here works in sampler space: ``latent_image`` has already been through the
+model's ``process_latent_in`` (or is the all-zero empty latent, which ComfyUI leaves alone).
+``model`` is any denoiser ``model(x, sigma, **extra_args) -> denoised`` with ``.model_sampling``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kiln.kernels.samplers import get_sampler
+
+# ComfyUI builds "ddim" as euler with inpaint_options={"random": True}: the noise that re-noises
+# the kept region of an inpainted latent is drawn from seed + 1 instead of reusing the start noise.
+RANDOM_INPAINT_NOISE_SAMPLERS = frozenset({"ddim"})
+
+# callback(step, denoised, x, total_steps), called before step ``step`` updates x.
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
+
+
+def start_latent(model_sampling, sigmas: torch.Tensor, noise: torch.Tensor,
+                 latent_image: torch.Tensor) -> torch.Tensor:
+    """x at ``sigmas[0]``: ``noise*sqrt(1+s0^2)`` when the schedule starts at sigma_max, else ``noise*s0``; plus the latent."""
+    return model_sampling.noise_scaling(sigmas[0], noise, latent_image, model_sampling.is_max_denoise(sigmas))
+
+
+class InpaintDenoiser:
+    """ComfyUI's ``KSamplerX0Inpaint``: with a denoise mask, the kept region (mask 0) is replaced by
+    the original latent noised to the current sigma before the model call, and by the original
+    latent itself in the returned prediction, so only the masked region is generated."""
+
+    def __init__(self, model, latent_image: torch.Tensor, noise: torch.Tensor):
+        self.inner_model = model
+        self.latent_image = latent_image
+        self.noise = noise
+
+    @property
+    def model_sampling(self):
+        return self.inner_model.model_sampling
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, denoise_mask: torch.Tensor | None = None,
+                 model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+        if denoise_mask is None:
+            return self.inner_model(x, sigma, model_options=model_options, seed=seed)
+        latent_mask = 1.0 - denoise_mask
+        sigma_b = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1))
+        kept = self.model_sampling.noise_scaling(sigma_b, self.noise, self.latent_image)
+        x = x * denoise_mask + kept * latent_mask
+        out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
+        return out * denoise_mask + self.latent_image * latent_mask
+
+
+def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch.Tensor,
+                    latent_image: torch.Tensor, *, seed: int, denoise_mask: torch.Tensor | None = None,
+                    callback: StepCallback | None = None, model_options: dict | None = None) -> torch.Tensor:
+    """Run ``sampler_name`` over ``sigmas`` from ``noise`` around ``latent_image`` (sampler space).
+
+    ``denoise_mask`` must already have the latent's shape (see ``kiln.nodes.guider.prepare_mask``).
+    ``seed`` is forwarded as ``extra_args["seed"]``; ancestral/SDE noise samplers seed from it.
+    """
+    inpaint_noise = noise
+    if denoise_mask is not None and sampler_name in RANDOM_INPAINT_NOISE_SAMPLERS:
+        # torch.manual_seed (the global generator, as ComfyUI), drawn on the CPU.
+        generator = torch.manual_seed(seed + 1)
+        inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(noise.device)
+    denoiser = InpaintDenoiser(model, latent_image, inpaint_noise)
+
+    x = start_latent(model.model_sampling, sigmas, noise, latent_image)
+    extra_args = {"model_options": dict(model_options or {}), "seed": seed, "denoise_mask": denoise_mask}
+
+    k_callback = None
+    if callback is not None:
+        total_steps = len(sigmas) - 1
+
+        def k_callback(state: dict) -> None:
+            callback(state["i"], state["denoised"], state["x"], total_steps)
+
+    samples = get_sampler(sampler_name)(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
+    return model.model_sampling.inverse_noise_scaling(sigmas[-1], samples)

@@ -1,0 +1,109 @@
+"""LATENT nodes (nodes.py): empty latents, resizing, noise masks, batch slicing and repeating.
+
+LATENT dicts hold raw VAE latents; every node returns a shallow copy so keys it does not
+touch (``batch_index``, ``noise_mask``) travel on exactly as in ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, node
+from kiln.nodes.resize import common_upscale
+
+MAX_RESOLUTION = 16384
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+CROP_METHODS = ("disabled", "center")
+
+
+@node("EmptyLatentImage",
+      [INT("width", 512, 16, MAX_RESOLUTION, 8), INT("height", 512, 16, MAX_RESOLUTION, 8),
+       INT("batch_size", 1, 1, 4096)],
+      ["LATENT"], category="latent")
+def empty_latent_image(*, width: int, height: int, batch_size: int) -> tuple:
+    """Zeros at 1/8 of the pixel size (floored, as ComfyUI)."""
+    return ({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},)
+
+
+@node("LatentUpscale",
+      [SOCKET("samples", "LATENT"), COMBO("upscale_method", UPSCALE_METHODS, UPSCALE_METHODS[0]),
+       INT("width", 512, 0, MAX_RESOLUTION, 8), INT("height", 512, 0, MAX_RESOLUTION, 8),
+       COMBO("crop", CROP_METHODS, CROP_METHODS[0])],
+      ["LATENT"], category="latent")
+def latent_upscale(*, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple:
+    """Resize to a pixel size (each side at least 64); a 0 side follows the aspect ratio."""
+    if width == 0 and height == 0:
+        return (samples,)
+    lat = samples["samples"]
+    if width == 0:
+        height = max(64, height)
+        width = max(64, round(lat.shape[-1] * height / lat.shape[-2]))
+    elif height == 0:
+        width = max(64, width)
+        height = max(64, round(lat.shape[-2] * width / lat.shape[-1]))
+    else:
+        width, height = max(64, width), max(64, height)
+    return ({**samples, "samples": common_upscale(lat, width // 8, height // 8, upscale_method, crop)},)
+
+
+@node("LatentUpscaleBy",
+      [SOCKET("samples", "LATENT"), COMBO("upscale_method", UPSCALE_METHODS, UPSCALE_METHODS[0]),
+       FLOAT("scale_by", 1.5, 0.01, 8.0, 0.01)],
+      ["LATENT"], category="latent")
+def latent_upscale_by(*, samples: dict, upscale_method: str, scale_by: float) -> tuple:
+    """Resize by a factor; the latent size is rounded to nearest."""
+    lat = samples["samples"]
+    width = round(lat.shape[-1] * scale_by)
+    height = round(lat.shape[-2] * scale_by)
+    return ({**samples, "samples": common_upscale(lat, width, height, upscale_method, "disabled")},)
+
+
+@node("SetLatentNoiseMask", [SOCKET("samples", "LATENT"), SOCKET("mask", "MASK")], ["LATENT"],
+      category="latent/inpaint")
+def set_latent_noise_mask(*, samples: dict, mask: torch.Tensor) -> tuple:
+    """Attach a [B,1,H,W] mask: the sampler regenerates only where it is 1."""
+    return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
+
+
+@node("RepeatLatentBatch", [SOCKET("samples", "LATENT"), INT("amount", 1, 1, 64)], ["LATENT"],
+      category="latent/batch")
+def repeat_latent_batch(*, samples: dict, amount: int) -> tuple:
+    """Tile the batch ``amount`` times; ``batch_index`` continues past the source range so each
+    copy gets its own noise."""
+    s = dict(samples)
+    s["samples"] = samples["samples"].repeat((amount, 1, 1, 1))
+    # A one-item mask is left alone (it broadcasts); ComfyUI repeats larger ones as they are.
+    if "noise_mask" in samples and samples["noise_mask"].shape[0] > 1:
+        s["noise_mask"] = samples["noise_mask"].repeat((amount, 1, 1, 1))
+    if "batch_index" in s:
+        index = s["batch_index"]
+        offset = max(index) - min(index) + 1
+        s["batch_index"] = index + [x + i * offset for i in range(1, amount) for x in index]
+    return (s,)
+
+
+@node("LatentFromBatch",
+      [SOCKET("samples", "LATENT"), INT("batch_index", 0, 0, 63), INT("length", 1, 1, 64)],
+      ["LATENT"], category="latent/batch")
+def latent_from_batch(*, samples: dict, batch_index: int, length: int) -> tuple:
+    """Slice the batch, clamped to its size; records ``batch_index`` so the noise matches the
+    slice's position in the full batch."""
+    s = dict(samples)
+    lat = samples["samples"]
+    batch_index = min(lat.shape[0] - 1, batch_index)
+    length = min(lat.shape[0] - batch_index, length)
+    s["samples"] = lat[batch_index:batch_index + length].clone()
+    if "noise_mask" in samples:
+        masks = samples["noise_mask"]
+        if masks.shape[0] == 1:
+            s["noise_mask"] = masks.clone()
+        else:
+            if masks.shape[0] < lat.shape[0]:
+                masks = masks.repeat(math.ceil(lat.shape[0] / masks.shape[0]), 1, 1, 1)[:lat.shape[0]]
+            s["noise_mask"] = masks[batch_index:batch_index + length].clone()
+    if "batch_index" in samples:
+        s["batch_index"] = samples["batch_index"][batch_index:batch_index + length]
+    else:
+        s["batch_index"] = list(range(batch_index, batch_index + length))
+    return (s,)

@@ -1,0 +1,57 @@
+"""API-format workflows the tests run (built as dicts so each test can tweak one input)."""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+
+
+def txt2img(ckpt: str = "tiny-sd15.safetensors", *, width: int = 64, height: int = 64, steps: int = 4,
+            sampler: str = "euler", scheduler: str = "normal", cfg: float = 7.0, seed: int = 3,
+            batch: int = 1, prefix: str = "t2i") -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["4", 1]},
+              "_meta": {"title": "Positive"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height,
+                                                           "batch_size": batch}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}, "_meta": {"title": "My Sampler"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
+    }
+
+
+def img2img(ckpt: str = "tiny-sd15.safetensors", image: str = "input.png", *, denoise: float = 0.6,
+            steps: int = 4, sampler: str = "euler_ancestral", scheduler: str = "karras") -> dict:
+    wf = txt2img(ckpt, steps=steps, sampler=sampler, scheduler=scheduler, prefix="i2i")
+    del wf["5"]
+    wf["10"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    wf["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    wf["3"]["inputs"].update(latent_image=["11", 0], denoise=denoise)
+    return wf
+
+
+def inpaint(ckpt: str = "tiny-sd15-inpainting.safetensors", image: str = "rgba.png") -> dict:
+    wf = txt2img(ckpt, prefix="inpaint")
+    del wf["5"]
+    wf["10"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    wf["11"] = {"class_type": "VAEEncodeForInpaint", "inputs": {
+        "pixels": ["10", 0], "vae": ["4", 2], "mask": ["10", 1], "grow_mask_by": 6}}
+    wf["3"]["inputs"]["latent_image"] = ["11", 0]
+    return wf
+
+
+def hires_fix() -> dict:
+    """The workflow `kiln demo` runs (tiny SD1.5 checkpoint + tiny ESRGAN x4)."""
+    text = resources.files("kiln.examples").joinpath("hires_fix.json").read_text()
+    return json.loads(text)
+
+
+def variant(workflow: dict, node_id: str, **inputs) -> dict:
+    wf = copy.deepcopy(workflow)
+    wf[node_id]["inputs"].update(inputs)
+    return wf
