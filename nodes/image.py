@@ -1,0 +1,252 @@
+"""Image nodes: LoadImage, LoadImageMask, SaveImage, PreviewImage, ImageScale, ImageScaleBy.
+
+Loading and saving reproduce ``nodes.py`` pixel for pixel (8-bit values / 255 on the way in,
+``uint8(clip(255*x))`` truncation on the way out) and ComfyUI's file naming
+(``folder_paths.get_save_image_path``), so kiln's outputs sit next to ComfyUI's and diff
+cleanly. PNGs are written to a temporary name and renamed, never left half-written.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
+from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, RunContext, node
+from kiln.nodes.resize import common_upscale
+
+MAX_RESOLUTION = 16384
+IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+PREVIEW_FOLDER = ".preview"   # under the output dir: kiln's stand-in for ComfyUI's temp/ folder
+
+# Multi-frame formats whose extra frames are not an animation (MPO: stereo/preview JPEGs).
+_SINGLE_IMAGE_FORMATS = ("MPO",)
+
+
+def _input_images(ctx: RunContext) -> list[str]:
+    return list_files(Path(ctx.input_dir), IMAGE_EXTENSIONS) if ctx.input_dir else []
+
+
+def _pillow(fn, arg):
+    """Retry once with truncated-file loading on, as ComfyUI's ``node_helpers.pillow`` does."""
+    try:
+        return fn(arg)
+    except (OSError, UnidentifiedImageError, ValueError):
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return fn(arg)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _open_input(ctx: RunContext, name: str) -> Image.Image:
+    if ctx.input_dir is None:
+        raise ValueError("no input folder configured to load images from")
+    return _pillow(Image.open, Path(ctx.input_dir) / name)
+
+
+def _to_float(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
+
+
+@node("LoadImage", [COMBO("image", _input_images, folder="input")], ["IMAGE", "MASK"],
+      category="image", needs_context=True)
+def load_image(ctx: RunContext, image: str):
+    """IMAGE [F,H,W,3] and MASK [F,H,W] = 1 - alpha (a 64x64 zero mask without alpha).
+
+    Frames of a multi-frame file are batched; frames whose size differs from the first are
+    skipped. 32-bit integer ("I") images are divided by 255 before the RGB conversion clips them.
+    """
+    images, masks = [], []
+    with _open_input(ctx, image) as img:
+        for frame in ImageSequence.Iterator(img):
+            frame = _pillow(ImageOps.exif_transpose, frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda v: v * (1 / 255))
+            rgb = frame.convert("RGB")
+            if images and rgb.size != (images[0].shape[1], images[0].shape[0]):
+                continue
+            images.append(_to_float(rgb))
+            if "A" in frame.getbands():
+                masks.append(1. - _to_float(frame.getchannel("A")))
+            elif frame.mode == "P" and "transparency" in frame.info:
+                masks.append(1. - _to_float(frame.convert("RGBA").getchannel("A")))
+            else:
+                masks.append(torch.zeros((64, 64), dtype=torch.float32))
+        if len(images) > 1 and img.format not in _SINGLE_IMAGE_FORMATS:
+            return torch.stack(images), torch.stack(masks)
+    return images[0][None], masks[0][None]
+
+
+@node("LoadImageMask",
+      [COMBO("image", _input_images, folder="input"), COMBO("channel", ["alpha", "red", "green", "blue"], "alpha")],
+      ["MASK"], category="mask", needs_context=True)
+def load_image_mask(ctx: RunContext, image: str, channel: str):
+    """One channel of the (first frame of the) file as a MASK [1,H,W]; alpha is inverted."""
+    with _open_input(ctx, image) as img:
+        frame = _pillow(ImageOps.exif_transpose, img)
+        if frame.getbands() != ("R", "G", "B", "A"):
+            if frame.mode == "I":
+                frame = frame.point(lambda v: v * (1 / 255))
+            frame = frame.convert("RGBA")
+        band = channel[0].upper()
+        if band not in frame.getbands():
+            return (torch.zeros((1, 64, 64), dtype=torch.float32),)
+        mask = _to_float(frame.getchannel(band))
+    return ((1. - mask if band == "A" else mask)[None],)
+
+
+@node("SaveImage", [SOCKET("images", "IMAGE"), STRING("filename_prefix", "ComfyUI")], [],
+      category="image", output_node=True, foldable=False, needs_context=True)
+def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str = "ComfyUI"):
+    """Writes ``<prefix>_<counter:05>_.png`` per image; paths go to ``ctx.cache["saved_images"]``."""
+    if ctx.output_dir is None:
+        raise ValueError("no output folder configured to save images to")
+    paths = write_pngs(images, filename_prefix, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo, compress_level=4)
+    ctx.cache.setdefault("saved_images", []).extend(paths)
+    return ()
+
+
+@node("PreviewImage", [SOCKET("images", "IMAGE")], [], category="image", output_node=True,
+      foldable=False, needs_context=True)
+def preview_image(ctx: RunContext, images: torch.Tensor):
+    """Like ComfyUI's temp previews (``ComfyUI_temp_<5 letters>_NNNNN_.png``, compress level 1),
+    written under ``<output_dir>/.preview/``; paths go to ``ctx.cache["preview_images"]``."""
+    if ctx.output_dir is None:
+        raise ValueError("no output folder configured to write previews to")
+    prefix = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+    paths = write_pngs(images, prefix, os.path.join(ctx.output_dir, PREVIEW_FOLDER), ctx.prompt,
+                       ctx.extra_pnginfo, compress_level=1)
+    ctx.cache.setdefault("preview_images", []).extend(paths)
+    return ()
+
+
+def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prompt: dict | None,
+               extra_pnginfo: dict | None, *, compress_level: int) -> list[str]:
+    """ComfyUI's SaveImage body: one PNG per batch entry with tEXt chunks ``prompt`` and each
+    ``extra_pnginfo`` key (JSON), counters continuing after the files already there."""
+    folder, filename, counter = save_image_path(filename_prefix, output_dir,
+                                                images[0].shape[1], images[0].shape[0])
+    metadata = PngInfo()
+    if prompt is not None:
+        metadata.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        metadata.add_text(key, json.dumps(value))
+    paths = []
+    for batch_number, image in enumerate(images):
+        pixels = np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
+        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        paths.append(_write_atomically(Image.fromarray(pixels), os.path.join(folder, name), metadata,
+                                       compress_level))
+        counter += 1
+    return paths
+
+
+def _write_atomically(img: Image.Image, path: str, metadata: PngInfo, compress_level: int) -> str:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kiln-", suffix=".png.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_image_path(filename_prefix: str, output_dir: str, image_width: int = 0,
+                    image_height: int = 0) -> tuple[str, str, int]:
+    """(folder, file name stem, first free counter) for a prefix such as ``"sub/name_%width%"``.
+
+    Expands the frontend's ``%date:yyyy-MM-dd%`` and the backend's ``%width%``, ``%height%``,
+    ``%year%`` ... tokens; ``%NodeTitle.widget%`` tokens (which need the UI graph) stay as text.
+    The counter is one past the largest ``<stem>_<digits>`` already in the folder.
+    """
+    filename_prefix = _expand_tokens(filename_prefix, image_width, image_height, datetime.now())
+    subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+    filename = os.path.basename(os.path.normpath(filename_prefix))
+    output_dir = os.path.abspath(output_dir)
+    folder = os.path.join(output_dir, subfolder)
+    if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
+        raise ValueError(f"filename_prefix {filename_prefix!r} would save outside the output folder {output_dir}")
+    os.makedirs(folder, exist_ok=True)
+    return folder, filename, _next_counter(folder, filename)
+
+
+def _next_counter(folder: str, filename: str) -> int:
+    stem = os.path.normcase(filename)
+    highest = 0
+    for entry in os.listdir(folder):
+        head = entry[:len(filename) + 1]
+        if os.path.normcase(head[:-1]) != stem or head[-1:] != "_":
+            continue
+        try:
+            highest = max(highest, int(entry[len(filename) + 1:].split("_")[0]))
+        except ValueError:
+            pass
+    return highest + 1
+
+
+_DATE_TOKEN = re.compile(r"%date:([^%]+)%")
+_DATE_PART = re.compile(r"yyyy|yy|dd?|MM?|hh?|mm?|ss?")
+
+
+def _expand_tokens(prefix: str, width: int, height: int, now: datetime) -> str:
+    prefix = _DATE_TOKEN.sub(lambda m: _DATE_PART.sub(lambda p: _date_part(p.group(0), now), m.group(1)), prefix)
+    if "%" not in prefix:
+        return prefix
+    for token, value in (("%width%", str(width)), ("%height%", str(height)), ("%year%", str(now.year)),
+                         ("%month%", f"{now.month:02}"), ("%day%", f"{now.day:02}"),
+                         ("%hour%", f"{now.hour:02}"), ("%minute%", f"{now.minute:02}"),
+                         ("%second%", f"{now.second:02}")):
+        prefix = prefix.replace(token, value)
+    return prefix
+
+
+def _date_part(part: str, now: datetime) -> str:
+    if part == "yyyy":
+        return str(now.year)
+    if part == "yy":
+        return str(now.year)[2:]
+    value = {"d": now.day, "M": now.month, "h": now.hour, "m": now.minute, "s": now.second}[part[0]]
+    return f"{value:02}" if len(part) == 2 else str(value)
+
+
+@node("ImageScale",
+      [SOCKET("image", "IMAGE"), COMBO("upscale_method", IMAGE_SCALE_METHODS, "nearest-exact"),
+       INT("width", 512, min=0, max=MAX_RESOLUTION), INT("height", 512, min=0, max=MAX_RESOLUTION),
+       COMBO("crop", ["disabled", "center"], "disabled")],
+      ["IMAGE"], category="image/upscaling")
+def image_scale(image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str):
+    """Resize to width x height; a 0 side follows the aspect ratio, both 0 is a no-op."""
+    if width == 0 and height == 0:
+        return (image,)
+    samples = image.movedim(-1, 1)
+    if width == 0:
+        width = max(1, round(samples.shape[3] * height / samples.shape[2]))
+    elif height == 0:
+        height = max(1, round(samples.shape[2] * width / samples.shape[3]))
+    return (common_upscale(samples, width, height, upscale_method, crop).movedim(1, -1),)
+
+
+@node("ImageScaleBy",
+      [SOCKET("image", "IMAGE"), COMBO("upscale_method", IMAGE_SCALE_METHODS, "nearest-exact"),
+       FLOAT("scale_by", 1.0, min=0.01, max=8.0, step=0.01)],
+      ["IMAGE"], category="image/upscaling")
+def image_scale_by(image: torch.Tensor, upscale_method: str, scale_by: float):
+    samples = image.movedim(-1, 1)
+    width = round(samples.shape[3] * scale_by)
+    height = round(samples.shape[2] * scale_by)
+    return (common_upscale(samples, width, height, upscale_method, "disabled").movedim(1, -1),)
