@@ -1,0 +1,160 @@
+"""The denoising UNet: a diffusers ``UNet2DConditionModel`` built from the checkpoint's own shapes,
+called the way ComfyUI's ``BaseModel._apply_model`` calls its UNet.
+
+SDXL's ``y`` vector: ComfyUI feeds it to ``label_emb`` (Linear-SiLU-Linear) and adds the result to
+the time embedding.  diffusers' ``text_time`` path would rebuild that vector from
+``text_embeds``/``time_ids`` with its own embedding width; the ``projection`` class embedding is
+the same Linear-SiLU-Linear added to the same place, so kiln uses it and passes ``y`` verbatim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+from kiln.kernels.model_sampling import ModelSamplingDiscrete
+from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """ComfyUI's sinusoidal embedding ``cat([cos, sin])`` (``diffusionmodules/util.py``), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _level_depths(per_block: tuple[int, ...], blocks_per_level: int, levels: int) -> list[list[int]]:
+    return [list(per_block[i * blocks_per_level:(i + 1) * blocks_per_level]) for i in range(levels)]
+
+
+def _attention_levels(depths: list[list[int]]) -> list[bool]:
+    """Which levels have transformers; diffusers cannot mix blocks with and without one in a level."""
+    flags = [any(d) for d in depths]
+    if any(f and not all(d) for f, d in zip(flags, depths)):
+        raise ModelFileError(f"transformer depths per level {depths} mix blocks with and without "
+                             "attention; not supported")
+    return flags
+
+
+def diffusers_config(info: ModelInfo) -> dict:
+    """The ``UNet2DConditionModel`` config equivalent to ComfyUI's ``UNetModel(**unet_config)``."""
+    u = info.unet
+    levels = len(u.channel_mult)
+    if len(set(u.num_res_blocks)) != 1:
+        raise ModelFileError(f"res blocks per level differ ({list(u.num_res_blocks)}); not supported")
+    n_res = u.num_res_blocks[0]
+    down = _level_depths(u.transformer_depth, n_res, levels)
+    # ComfyUI lists output depths from the shallowest level; diffusers builds up blocks deepest first.
+    up = _level_depths(u.transformer_depth_output, n_res + 1, levels)[::-1]
+    attention = _attention_levels(down)
+    if _attention_levels(up)[::-1] != attention:
+        raise ModelFileError(f"input depths {list(u.transformer_depth)} and output depths "
+                             f"{list(u.transformer_depth_output)} put attention on different levels")
+    # diffusers takes the middle block's depth from the last level's entry.
+    if attention[-1] and down[-1][0] != u.transformer_depth_middle:
+        raise ModelFileError(f"middle block depth {u.transformer_depth_middle} differs from the last level's "
+                             f"{down[-1][0]}; not supported")
+    if not attention[-1]:
+        down[-1] = [u.transformer_depth_middle] * n_res
+    channels = [u.model_channels * m for m in u.channel_mult]
+    for c, attends in zip(channels, attention[:-1] + [True]):  # the middle block attends at the last width
+        if attends and (info.heads(c) < 1 or c % info.heads(c)):
+            raise ModelFileError(f"a {c}-channel transformer does not split into {info.arch}'s attention heads")
+    adm = u.adm_in_channels
+    return {
+        "sample_size": 64,
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]],
+        "block_out_channels": channels,
+        "layers_per_block": n_res,
+        "cross_attention_dim": u.context_dim,
+        # diffusers' historical misnomer: this is the number of heads per block.
+        "attention_head_dim": [info.heads(c) for c in channels],
+        "use_linear_projection": u.use_linear_in_transformer,
+        "transformer_layers_per_block": down,
+        "reverse_transformer_layers_per_block": up,
+        "class_embed_type": "projection" if adm is not None else None,
+        "projection_class_embeddings_input_dim": adm,
+        # SD2 asks for fp32 attention (ComfyUI attn_precision); a no-op in fp32.
+        "upcast_attention": info.arch == "sd2",
+    }
+
+
+def _unet_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+
+
+def build_unet(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
+               dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The diffusers UNet holding the checkpoint's ``model.diffusion_model.*`` weights (strict)."""
+    config = diffusers_config(info)
+    source = _unet_part(sd)
+    converted = convert_ldm_unet_checkpoint(source, config)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    expected = {k: v.shape for k, v in unet.state_dict().items()}
+    check_conversion(source, converted, expected, "UNet")
+    unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in converted.items()},
+                         strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
+
+
+class DiffusionModel(torch.nn.Module):
+    """MODEL: the UNet plus its parameterisation (``DiffusionModelHandle``)."""
+
+    def __init__(self, unet: UNet2DConditionModel, info: ModelInfo):
+        super().__init__()
+        self.unet = unet
+        self.info = info
+        self.arch = info.arch
+        self.model_sampling = ModelSamplingDiscrete(info.prediction)
+        self.latent_format = info.latent_format
+        self.in_channels = info.unet.in_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                    y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoised prediction as ComfyUI's ``BaseModel._apply_model`` (float32, x's shape)."""
+        ms = self.model_sampling
+        xc = ms.calculate_input(sigma, x)
+        if c_concat is not None:
+            xc = torch.cat([xc, c_concat.to(xc.device, xc.dtype)], dim=1)
+        xc = xc.to(self.device, self.dtype)
+        t = ms.timestep(sigma).float().to(self.device)
+        context = context.to(self.device, self.dtype)
+        if y is not None:
+            y = y.to(self.device, self.dtype)
+        out = self.unet(xc, t, encoder_hidden_states=context, class_labels=y, return_dict=False)[0]
+        return ms.calculate_denoised(sigma, out.float().to(x.device), x)
+
+    forward = apply_model
+
+    def encode_adm(self, pooled_output: torch.Tensor | None, *, width: int, height: int, crop_w: int,
+                   crop_h: int, target_width: int, target_height: int) -> torch.Tensor | None:
+        """SDXL ``y``: pooled text, then embeddings of (height, width, crop_h, crop_w, target_height,
+        target_width), as ``model_base.SDXL.encode_adm``; None for SD1/SD2."""
+        if self.arch != "sdxl":
+            return None
+        if pooled_output is None:
+            raise ValueError("SDXL conditioning needs a pooled_output")
+        sizes = torch.tensor([height, width, crop_h, crop_w, target_height, target_width], dtype=torch.float32)
+        flat = timestep_embedding(sizes, self.info.adm_embed_dim).flatten().unsqueeze(0)
+        flat = flat.repeat(pooled_output.shape[0], 1)
+        return torch.cat((pooled_output.to(flat.device), flat), dim=1)
+
+
+def build_diffusion_model(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
+                          dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    return DiffusionModel(build_unet(sd, info, device=device, dtype=dtype), info)
