@@ -58,7 +58,9 @@ def test_inpainting_keeps_the_unmasked_latent(models_dir, input_dir, tmp_path):
     ctx = RunContext(models=folders, input_dir=str(input_dir), output_dir=str(tmp_path), prompt=wf)
     out = run_graph(graph, ctx, keep={"3", "11"}).outputs
     encoded, sampled = out["11"][0], out["3"][0]
-    keep = encoded["noise_mask"].reshape(encoded["samples"].shape[-2:]) == 0   # latent-size mask here
+    mask = torch.nn.functional.interpolate(encoded["noise_mask"].reshape(1, 1, 72, 80),
+                                           size=encoded["samples"].shape[-2:], mode="bilinear")
+    keep = mask[0, 0] == 0   # latent pixels the sampler must leave exactly as encoded
     assert keep.any() and (~keep).any()
     assert torch.allclose(sampled["samples"][..., keep], encoded["samples"][..., keep], atol=1e-5)
     assert not torch.allclose(sampled["samples"][..., ~keep], encoded["samples"][..., ~keep])
