@@ -1,0 +1,25 @@
+"""HiRes fix on a full-size SD1.5-architecture checkpoint (random weights, ~2 GB): run with --runslow."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.api import run_workflow
+from kiln.nodes.models.synthetic import write_checkpoint
+from kiln.nodes.models.synthetic_esrgan import write_esrgan
+from workflows import hires_fix
+
+
+@pytest.mark.slow
+def test_hires_fix_full_size_sd15(tmp_path):
+    models = tmp_path / "models"
+    write_checkpoint(models / "checkpoints" / "tiny-sd15.safetensors", "sd1", size="full", seed=0)
+    write_esrgan(models / "upscale_models" / "tiny-esrgan-x4.safetensors", scale=4, seed=0)
+    wf = hires_fix()
+    wf["5"]["inputs"].update(width=128, height=128)
+    wf["3"]["inputs"]["steps"] = 3
+    wf["14"]["inputs"]["steps"] = 2
+    result = run_workflow(wf, models=models, output_dir=tmp_path / "out")
+    image = np.asarray(Image.open(result.saved[0]))
+    assert image.shape == (256, 256, 3) and image.std() > 1
