@@ -1,6 +1,8 @@
 """kiln's public Python API."""
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +42,17 @@ def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = Non
 
 
 def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str, str], Any]) -> Graph:
-    """Set ``--seed`` on every seeded node and ``--set NODE.INPUT=VALUE`` values (before validation)."""
+    """Set ``--seed`` on every seeded node and ``--set NODE.INPUT=VALUE`` values (before validation).
+
+    The returned graph's ``source`` (embedded in saved PNGs) carries the values actually run.
+    """
     problems = []
-    for (node_id, input_name), value in overrides.items():
-        node = graph.nodes.get(node_id)
-        if node is None:
+    updates = dict(overrides)
+    for (node_id, input_name) in overrides:
+        if node_id not in graph.nodes:
             problems.append(Problem("invalid_prompt", "--set names a node that is not in the workflow",
                                     node_id=node_id, input_name=input_name,
                                     expected="one of " + ", ".join(sorted(graph.nodes)), found=node_id))
-            continue
-        node.inputs[input_name] = value
     if problems:
         raise KilnError(problems)
     if seed is not None:
@@ -58,8 +61,16 @@ def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str
             if node_def is not None and node_def.seeded:
                 for spec in node_def.inputs:
                     if spec.type == "INT" and "seed" in spec.name:
-                        node.inputs[spec.name] = seed
-    return graph
+                        updates[(node.id, spec.name)] = seed
+    if not updates:
+        return graph
+    nodes = {node_id: replace(node, inputs=dict(node.inputs)) for node_id, node in graph.nodes.items()}
+    source = copy.deepcopy(graph.source) if graph.source is not None else None
+    for (node_id, input_name), value in updates.items():
+        nodes[node_id].inputs[input_name] = value
+        if source is not None and node_id in source:
+            source[node_id].setdefault("inputs", {})[input_name] = value
+    return Graph(nodes, source=source)
 
 
 def _check_device(device: str, dtype: str) -> None:

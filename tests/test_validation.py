@@ -158,3 +158,42 @@ def test_cli_prints_all_errors_exits_2_and_writes_nothing(tmp_path, models_dir, 
 def test_cli_missing_workflow_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_cuda_on_a_machine_without_one(tmp_path, models_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without CUDA")
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(txt2img()))
+    assert main(["run", str(path), "--models", str(models_dir), "-o", str(tmp_path / "o"),
+                 "--device", "cuda", "--dtype", "fp16"]) == 2
+    assert "CUDA was requested but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_run_prints_saved_files_and_time_per_node(tmp_path, models_dir, capsys):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(txt2img(steps=2)))
+    assert main(["run", str(path), "--models", str(models_dir), "-o", str(tmp_path / "o"), "--seed", "9",
+                 "--set", "6.text=a blue bird"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().endswith("t2i_00001_.png")
+    assert "time per node: 4 CheckpointLoaderSimple" in captured.err and "3 KSampler" in captured.err
+    from PIL import Image
+
+    prompt = json.loads(Image.open(captured.out.strip()).text["prompt"])
+    assert prompt["3"]["inputs"]["seed"] == 9 and prompt["6"]["inputs"]["text"] == "a blue bird"
+
+
+def test_node_failure_is_reported_with_the_node(tmp_path, models_dir, capsys):
+    bad = models_dir.parent / "broken_models"
+    (bad / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (bad / "checkpoints" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(txt2img("broken.safetensors")))
+    assert main(["run", str(path), "--models", str(bad), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: node 4 (CheckpointLoaderSimple), input") or \
+        err.startswith("error: node 4 (CheckpointLoaderSimple): exception_during_execution")
+    assert "broken.safetensors" in err and "Traceback" not in err
