@@ -1,0 +1,31 @@
+"""Module building: give every sample and module stage the torch module lowering exports."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kiln.compiler.stages import Compilation, Stage, chain_members
+
+
+def build_modules(c: Compilation) -> Compilation:
+    """Attach ``Stage.module``: the denoiser (UNet + CFG batch and combine) of each sample stage,
+    the fused chain of each module stage (``kiln.compiler.lower``).
+
+    Guarantees: every ``sample`` and ``module`` stage has a module; the others have none. A
+    runtime cfg builds the full CFG denoiser (``cfg=None``); a constant cfg of 1 lets the
+    denoiser skip the negative side.
+    """
+    from kiln.compiler.lower.chains import build_chain
+    from kiln.compiler.lower.denoiser import build_denoiser
+
+    def with_module(stage: Stage) -> Stage:
+        if stage.kind == "sample":
+            node = c.graph.nodes[stage.node_ids[0]]
+            model = c.handles[node.inputs["model"].node_id][node.inputs["model"].slot]
+            return replace(stage, module=build_denoiser(model, stage.params.get("cfg"), node=node,
+                                                        positive=c.values[node.inputs["positive"]].meta,
+                                                        negative=c.values[node.inputs["negative"]].meta))
+        if stage.kind == "module":
+            return replace(stage, module=build_chain(chain_members(stage, c.handles), list(stage.outputs)))
+        return stage
+
+    return replace(c, stages=tuple(with_module(stage) for stage in c.stages))

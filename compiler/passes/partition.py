@@ -1,0 +1,243 @@
+"""Stage partition: every run-time node becomes a stage of the kind the runtime executes."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from kiln.compiler.errors import KilnError, Problem
+from kiln.compiler.graph import Link, Node
+from kiln.compiler.stages import MODEL_TYPES, TO_UINT8, Compilation, EnvValue, RuntimeInput, Stage, node_def
+from kiln.nodes import registry
+
+# Widgets a run-time node may take as runtime inputs -> their stage-local names.
+RUNTIME_WIDGETS = {
+    "KSampler": {"seed": "seed", "steps": "steps", "cfg": "cfg", "denoise": "denoise"},
+    "KSamplerAdvanced": {"noise_seed": "seed", "steps": "steps", "cfg": "cfg", "start_at_step": "start_at_step",
+                         "end_at_step": "end_at_step"},
+    "EmptyLatentImage": {"width": "width", "height": "height", "batch_size": "batch_size"},
+    "CLIPTextEncode": {"text": "text"},
+}
+# Nodes that run as module stages: output type and the tensor fields the module computes
+# (a LATENT output carries the other fields of the node's LATENT input over, as ComfyUI's dict copy).
+MODULE_OUTPUTS = {
+    "VAEDecode": ("IMAGE", ("value",)),
+    "VAEEncode": ("LATENT", ("samples",)),
+    "ImageUpscaleWithModel": ("IMAGE", ("value",)),
+    "ImageScale": ("IMAGE", ("value",)),
+    "ImageScaleBy": ("IMAGE", ("value",)),
+    "LatentUpscale": ("LATENT", ("samples",)),
+    "LatentUpscaleBy": ("LATENT", ("samples",)),
+    "CLIPTextEncode": ("CONDITIONING", ("0.cond", "0.pooled_output")),
+}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+RUNTIME_NODES = (*SAMPLERS, "EmptyLatentImage", "SaveImage", *MODULE_OUTPUTS)
+# EmptyLatentImage always makes 4 channels; the sampler widens an empty latent for other models.
+EMPTY_LATENT_CHANNELS = 4
+# SDXL conditioning options that only feed its size embedding (computed at compile time).
+SDXL_SIZE_OPTIONS = frozenset({"width", "height", "crop_w", "crop_h", "target_width", "target_height"})
+
+
+def partition_stages(c: Compilation) -> Compilation:
+    """One stage per run-time node, in execution order.
+
+    KSampler/KSamplerAdvanced -> ``sample``; EmptyLatentImage with a runtime size ->
+    ``empty_latent``; SaveImage -> a ``module`` converting to 8-bit pixels plus a ``save_image``;
+    VAEDecode, VAEEncode, ImageUpscaleWithModel, ImageScale(By), LatentUpscale(By) and
+    CLIPTextEncode with a runtime text -> one ``module`` each.
+
+    Guarantees: every stage input names a runtime input, a constant or an output of an earlier
+    stage; constant widgets are ``params`` (spelled as in the workflow), runtime ones ``inputs``;
+    ``values`` says where each socket value lives at run time; constants and module outputs are
+    only those some stage reads (an SD1 prompt's pooled output is neither stored nor computed).
+    Anything else that must run at run time (other node types, runtime inputs the stage cannot
+    take, conditioning beyond one full-area entry per side, inpainting UNets) is refused naming
+    the node, its class_type, the input and what is supported.
+    """
+    _check_supported(c)
+    builder = _Partition(c)
+    for node_id in c.runtime_nodes:
+        builder.add(c.graph.nodes[node_id])
+    constants = {**c.constants, **builder.constants}
+    read = {env for stage in builder.stages for env in stage.inputs.values()}
+    stages = [replace(s, outputs={k: env for k, env in s.outputs.items() if env in read}) if s.kind == "module"
+              else s for s in builder.stages]
+    kept = {name: value for name, value in constants.items() if name in read}
+    folded = tuple({**f, "outputs": [env for env in f["outputs"] if env in kept]} for f in c.folded)
+    return replace(c, stages=tuple(stages), values=builder.values, constants=kept, folded=folded)
+
+
+def _check_supported(c: Compilation) -> None:
+    problems = []
+    runtime_inputs = {(i.node_id, i.input_name): i for i in c.inputs}
+    for node_id in c.runtime_nodes:
+        node = c.graph.nodes[node_id]
+        allowed = RUNTIME_WIDGETS.get(node.class_type, {})
+        for (input_node, input_name), runtime_input in runtime_inputs.items():
+            if input_node == node_id and input_name not in allowed:
+                problems.append(Problem(
+                    "unsupported_runtime_input", "a compiled plan cannot take this input at run time",
+                    node_id=node_id, class_type=node.class_type, title=node.title, input_name=input_name,
+                    expected=_runtime_widget_list(), found=f"--input {runtime_input.name}"))
+        if node.class_type not in RUNTIME_NODES and not any(p.node_id == node_id for p in problems):
+            problems.append(Problem(
+                "unsupported_node", f"{node.class_type} would run at run time ({_why_runtime(c, node)}), "
+                "which compiled plans do not support", node_id=node_id, class_type=node.class_type,
+                title=node.title, expected="at run time: " + ", ".join(RUNTIME_NODES)
+                + "; any other node must have only constant inputs (it is then folded)",
+                found=node.class_type))
+    if problems:
+        raise KilnError(problems)
+
+
+def _runtime_widget_list() -> str:
+    return "one of " + ", ".join(f"{class_type}.{name}" for class_type, names in RUNTIME_WIDGETS.items()
+                                 for name in names)
+
+
+def _why_runtime(c: Compilation, node: Node) -> str:
+    for name, link in node.links():
+        if link.node_id in c.runtime_nodes:
+            return f"input {name!r} reads node {link.node_id} ({c.graph.nodes[link.node_id].class_type})"
+    return "it cannot be evaluated at compile time"
+
+
+class _Partition:
+    """Walks the run-time nodes, tracking where each socket value lives at run time."""
+
+    def __init__(self, c: Compilation):
+        self.c = c
+        self.values: dict[Link, EnvValue] = dict(c.values)
+        self.inputs: dict[tuple[str, str], RuntimeInput] = {(i.node_id, i.input_name): i for i in c.inputs}
+        self.stages: list[Stage] = []
+        self.constants: dict[str, torch.Tensor] = {}
+
+    def add(self, node: Node) -> None:
+        if node.class_type in SAMPLERS:
+            self._sample(node)
+        elif node.class_type == "EmptyLatentImage":
+            self._empty_latent(node)
+        elif node.class_type == "SaveImage":
+            self._save(node)
+        else:
+            self._module(node)
+
+    def _refuse(self, node: Node, input_name: str | None, message: str, expected: str, found: str):
+        raise KilnError([Problem("unsupported_input", message, node_id=node.id, class_type=node.class_type,
+                                 title=node.title, input_name=input_name, expected=expected, found=found)])
+
+    def _widgets(self, node: Node) -> tuple[dict, dict[str, str]]:
+        """(constant widget values by local name, runtime widget env names by local name)."""
+        names = RUNTIME_WIDGETS.get(node.class_type, {})
+        constants, runtime = {}, {}
+        for spec in registry.get(node.class_type).inputs:
+            if not spec.is_widget:
+                continue
+            local = names.get(spec.name, spec.name)
+            runtime_input = self.inputs.get((node.id, spec.name))
+            if runtime_input is not None:
+                runtime[local] = runtime_input.env
+            else:
+                constants[local] = node.inputs.get(spec.name, spec.default)
+        return constants, runtime
+
+    def _sample(self, node: Node) -> None:
+        model = self._handle(node.inputs["model"])
+        channels = model.latent_format.channels
+        if model.in_channels != channels:
+            self._refuse(node, "model", "inpainting UNets (extra mask and image input channels) are not "
+                         "supported in plans", f"a UNet with {channels} input channels", str(model.in_channels))
+        latent = self.values[node.inputs["latent_image"]]
+        inputs = {"latent": latent.fields["samples"]}
+        if "noise_mask" in latent.fields:
+            inputs["noise_mask"] = latent.fields["noise_mask"]
+        for side, local in (("positive", "cond"), ("negative", "uncond")):
+            cond = self._single_entry(node, side, model)
+            inputs[f"{local}_context"] = cond.fields["0.cond"]
+            if model.arch == "sdxl":
+                inputs[f"{local}_y"] = self._sdxl_y(node, side, model, cond, latent)
+        widgets, runtime = self._widgets(node)
+        params = {"advanced": node.class_type == "KSamplerAdvanced", **widgets,
+                  "prediction": model.model_sampling.prediction, "scale_factor": model.latent_format.scale_factor}
+        if (latent.meta or {}).get("batch_index") is not None:
+            params["batch_index"] = list(latent.meta["batch_index"])
+        out = f"{node.id}.0.samples"
+        self.stages.append(Stage(f"sample_{node.id}", "sample", [node.id], {**inputs, **runtime},
+                                 {"samples": out}, params))
+        self.values[Link(node.id, 0)] = EnvValue("LATENT", {**latent.fields, "samples": out}, latent.meta)
+
+    def _single_entry(self, node: Node, side: str, model) -> EnvValue:
+        cond = self.values[node.inputs[side]]
+        allowed = SDXL_SIZE_OPTIONS if model.arch == "sdxl" else frozenset()
+        extra_tensors = sorted(set(cond.fields) - {"0.cond", "0.pooled_output"})
+        if len(cond.meta) != 1 or extra_tensors or set(cond.meta[0]) - allowed:
+            found = (f"{len(cond.meta)} entries" if len(cond.meta) != 1 else
+                     "options " + ", ".join(sorted(set(cond.meta[0]) - allowed) + [t[2:] for t in extra_tensors]))
+            self._refuse(node, side, "compiled plans take one full-area conditioning entry per side "
+                         "(no ConditioningCombine, areas, masks or timestep ranges)",
+                         "one entry with cond and pooled_output", found)
+        return cond
+
+    def _sdxl_y(self, node: Node, side: str, model, cond: EnvValue, latent: EnvValue) -> str:
+        """SDXL's ``y`` (pooled text + size embeddings) as a constant, from a folded prompt and latent."""
+        pooled = self.c.constants.get(cond.fields.get("0.pooled_output", ""))
+        samples = self.c.constants.get(latent.fields["samples"])
+        if pooled is None or samples is None:
+            self._refuse(node, side, "SDXL's size conditioning is computed at compile time, so its prompt "
+                         "and latent size must be constants", "constant conditioning and latent",
+                         "a runtime prompt or latent")
+        options = cond.meta[0]
+        width, height = options.get("width", samples.shape[-1] * 8), options.get("height", samples.shape[-2] * 8)
+        y = model.encode_adm(pooled, width=width, height=height, crop_w=options.get("crop_w", 0),
+                             crop_h=options.get("crop_h", 0), target_width=options.get("target_width", width),
+                             target_height=options.get("target_height", height))
+        name = f"const.{node.id}.{side}.y"
+        self.constants[name] = y.detach().to("cpu", copy=True).contiguous()
+        return name
+
+    def _empty_latent(self, node: Node) -> None:
+        widgets, runtime = self._widgets(node)
+        out = f"{node.id}.0.samples"
+        self.stages.append(Stage(f"empty_latent_{node.id}", "empty_latent", [node.id], runtime, {"samples": out},
+                                 {"channels": EMPTY_LATENT_CHANNELS, **widgets}))
+        self.values[Link(node.id, 0)] = EnvValue("LATENT", {"samples": out}, {})
+
+    def _save(self, node: Node) -> None:
+        widgets, _ = self._widgets(node)
+        source = node.inputs["images"]
+        pixels = f"{node.id}.0.value"
+        convert = Node(node.id, TO_UINT8.class_type, {"images": source}, node.title)
+        self.stages.append(Stage(f"module_{node.id}", "module", [node.id], self._tensor_inputs(convert),
+                                 {pixels: pixels}, {}, members=[convert]))
+        self.stages.append(Stage(f"save_{node.id}", "save_image", [node.id], {"images": pixels}, {},
+                                 {"filename_prefix": widgets["filename_prefix"], "node_id": node.id}))
+
+    def _module(self, node: Node) -> None:
+        out_type, computed = MODULE_OUTPUTS[node.class_type]
+        _, runtime = self._widgets(node)
+        fields = {name: f"{node.id}.0.{name}" for name in computed}
+        meta = {"CONDITIONING": [{}], "LATENT": {}}.get(out_type)
+        for spec in registry.get(node.class_type).inputs:
+            source = node.inputs.get(spec.name)
+            if out_type == "LATENT" and spec.type == "LATENT" and isinstance(source, Link):
+                carried = self.values[source]
+                fields, meta = {**carried.fields, **fields}, carried.meta
+        inputs = {**self._tensor_inputs(node), **{f"{node.id}.{name}": env for name, env in runtime.items()}}
+        self.stages.append(Stage(f"module_{node.id}", "module", [node.id], inputs,
+                                 {env: env for env in (f"{node.id}.0.{name}" for name in computed)}, {},
+                                 members=[node]))
+        self.values[Link(node.id, 0)] = EnvValue(out_type, fields, meta)
+
+    def _tensor_inputs(self, node: Node) -> dict[str, str]:
+        """Linked data inputs as ``<node>.<slot>.<field>`` -> env (a LATENT contributes its samples only)."""
+        inputs = {}
+        for spec in node_def(node.class_type).inputs:
+            source = node.inputs.get(spec.name)
+            if isinstance(source, Link) and spec.type not in MODEL_TYPES:
+                for name, env in self.values[source].fields.items():
+                    if spec.type != "LATENT" or name == "samples":
+                        inputs[f"{source.node_id}.{source.slot}.{name}"] = env
+        return inputs
+
+    def _handle(self, link: Link):
+        return self.c.handles[link.node_id][link.slot]
