@@ -1,13 +1,22 @@
-"""The ``kiln`` command line: ``kiln run workflow.json``, ``kiln demo``."""
+"""The ``kiln`` command line: ``kiln run workflow.json|x.plan``, ``kiln compile``, ``kiln inspect x.plan``,
+``kiln demo``.
+
+Running or inspecting a plan imports only kiln.runtime (no kiln.compiler, kiln.nodes,
+diffusers or transformers), so everything else is imported lazily.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
-from kiln.compiler.errors import KilnError, Problem
+from kiln.runtime.errors import PlanError
+
+_CLI_IMPORTED = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,15 +24,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except KilnError as error:
-        for problem in error.problems:
-            print(f"error: {problem.format()}", file=sys.stderr)
-        if args.debug and error.__cause__ is not None:
-            traceback.print_exception(error.__cause__)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        lines = _user_error_lines(error)
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        if args.debug and error.__cause__ is not None:
+            traceback.print_exception(error.__cause__)
+        return 2
+
+
+def _user_error_lines(error: Exception) -> list[str] | None:
+    """The messages of a user error (PlanError, KilnError); None for anything else (a bug: it raises).
+
+    KilnError is looked up in sys.modules instead of imported: if kiln.compiler was never
+    imported, no KilnError can have been raised, and plan runs stay free of it.
+    """
+    if isinstance(error, PlanError):
+        return [error.format()]
+    compiler_errors = sys.modules.get("kiln.compiler.errors")
+    if compiler_errors is not None and isinstance(error, compiler_errors.KilnError):
+        return [problem.format() for problem in error.problems]
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,16 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of node failures")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a ComfyUI API-format workflow with ComfyUI's numerics")
-    run.add_argument("workflow", type=Path, help="workflow.json (ComfyUI API format)")
+    run = sub.add_parser("run", help="run a ComfyUI API-format workflow with ComfyUI's numerics, or a compiled plan")
+    run.add_argument("workflow", type=Path, help="workflow.json (ComfyUI API format) or a .plan file")
     _add_run_options(run)
     run.set_defaults(handler=_run)
+
+    inspect = sub.add_parser("inspect", help="show a plan's target, inputs, stages, folded nodes and sizes")
+    inspect.add_argument("plan", type=Path, help="a .plan file written by kiln compile")
+    inspect.set_defaults(handler=_inspect)
 
     demo = sub.add_parser("demo", help="make tiny random-weight models and run the HiRes-fix example")
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="where models and images go")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
-    for p in (run, demo):
+    compile_ = sub.add_parser("compile", help="compile a workflow into a plan file for one device and precision")
+    compile_.add_argument("workflow", type=Path, help="workflow.json (ComfyUI API format)")
+    compile_.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write")
+    compile_.add_argument("--models", type=Path, help="a ComfyUI models folder (checkpoints/, vae/, ...)")
+    compile_.add_argument("--extra-model-paths", type=Path, help="ComfyUI's extra_model_paths.yaml")
+    compile_.add_argument("--input-dir", type=Path, help="where LoadImage finds its files (ComfyUI's input/)")
+    compile_.add_argument("--device", default="cpu", help="the target: cpu or cuda[:N]")
+    compile_.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    compile_.add_argument("--backend", choices=("aoti",), default="aoti")
+    compile_.add_argument("--input", action="append", default=[], metavar="NODE.INPUT[=lo..hi]",
+                          help="take this widget value at run time (sampler seeds always are)")
+    compile_.add_argument("--quiet", action="store_true", help="no progress output")
+    compile_.set_defaults(handler=_compile)
+    for p in (run, inspect, demo, compile_):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of node failures")
     return parser
@@ -57,9 +100,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override a widget value (VALUE is JSON, or a plain string)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--timings", action="store_true",
+                   help="plans: print load time, time per stage and process-start-to-image time")
+    p.epilog = "A plan runs on the device and dtype it was compiled for; --models/--device/--dtype apply to workflows."
 
 
 def _run(args: argparse.Namespace) -> int:
+    if _is_plan(args.workflow):
+        return _run_plan(args)
     from kiln.api import run_workflow
 
     result = run_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
@@ -75,6 +123,97 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from kiln.compiler.pipeline import compile_workflow
+
+    print(compile_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
+                           input_dir=args.input_dir, inputs=args.input, device=args.device, dtype=args.dtype,
+                           backend=args.backend, output=args.output, progress=not args.quiet))
+    return 0
+
+
+def _is_plan(path: Path) -> bool:
+    """A ``.plan`` name, or any file that starts as a zip (workflows are JSON)."""
+    if path.suffix == ".plan":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from kiln.runtime.executor import run_plan, seed_values
+    from kiln.runtime.plan import load_plan
+
+    plan = load_plan(args.workflow)
+    values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
+    for item in args.set:
+        parsed = _split_set(item)
+        if parsed is None:
+            raise PlanError("invalid_input", "--set needs NODE.INPUT=VALUE", expected="e.g. --set 3.seed=7",
+                            found=repr(item))
+        node_id, input_name, value = parsed
+        values[f"{node_id}.{input_name}"] = value
+    bars = None if args.quiet else _StepBars()
+    try:
+        result = run_plan(plan, values, output_dir=args.output, on_step=bars)
+    finally:
+        if bars is not None:
+            bars.close()
+    if args.timings:
+        stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
+        print(f"load {plan.load_seconds:.2f}s; stages: {stages}; "
+              f"total {sum(t.seconds for t in result.timings):.2f}s; "
+              f"process start to image {_seconds_since_process_start():.2f}s", file=sys.stderr)
+    for path in result.saved:
+        print(path)
+    return 0
+
+
+class _StepBars:
+    """``on_step(stage, step, total)`` for plan runs: one tqdm bar per sampler stage."""
+
+    def __init__(self):
+        self._bar = None
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None or self._stage != stage or step < self._bar.n:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+        self._bar.update(step - self._bar.n)
+        if step >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _seconds_since_process_start() -> float:
+    """Linux: from the process start time in /proc (10 ms ticks since boot, the CLOCK_BOOTTIME
+    base); elsewhere: since this module was imported, which misses interpreter start-up."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _CLI_IMPORTED
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from kiln.runtime.plan import describe_plan
+
+    print(describe_plan(args.plan))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kiln.demo import run_demo
 
@@ -84,19 +223,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _parse_sets(items: list[str]) -> dict[tuple[str, str], object]:
+    from kiln.compiler.errors import KilnError, Problem
+
     overrides: dict[tuple[str, str], object] = {}
     for item in items:
-        target, sep, raw = item.partition("=")
-        node_id, dot, input_name = target.partition(".")
-        if not sep or not dot or not node_id or not input_name:
+        parsed = _split_set(item)
+        if parsed is None:
             raise KilnError([Problem("invalid_prompt", "--set needs NODE.INPUT=VALUE",
                                      expected="e.g. --set 6.text='a red fox'", found=repr(item))])
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        node_id, input_name, value = parsed
         overrides[(node_id, input_name)] = value
     return overrides
+
+
+def _split_set(item: str) -> tuple[str, str, object] | None:
+    """``NODE.INPUT=VALUE`` -> (node, input, value); VALUE is JSON, or else the plain string."""
+    target, sep, raw = item.partition("=")
+    node_id, dot, input_name = target.partition(".")
+    if not sep or not dot or not node_id or not input_name:
+        return None
+    try:
+        return node_id, input_name, json.loads(raw)
+    except json.JSONDecodeError:
+        return node_id, input_name, raw
 
 
 if __name__ == "__main__":

@@ -1,29 +1,24 @@
 """Image nodes: LoadImage, LoadImageMask, SaveImage, PreviewImage, ImageScale, ImageScaleBy.
 
-Loading and saving reproduce ``nodes.py`` pixel for pixel (8-bit values / 255 on the way in,
-``uint8(clip(255*x))`` truncation on the way out) and ComfyUI's file naming
-(``folder_paths.get_save_image_path``), so kiln's outputs sit next to ComfyUI's and diff
-cleanly. PNGs are written to a temporary name and renamed, never left half-written.
+Loading reproduces ``nodes.py`` pixel for pixel (8-bit values / 255); saving (ComfyUI's file
+naming, ``uint8(clip(255*x))`` truncation, atomic writes) lives in ``kiln.runtime.images``,
+shared with plan runs.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
-import re
-import tempfile
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
 
 from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
 from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, RunContext, node
 from kiln.nodes.resize import common_upscale
+from kiln.runtime.images import expand_tokens as _expand_tokens  # noqa: F401  (tests/test_image_nodes.py)
+from kiln.runtime.images import save_image_path, write_pngs  # noqa: F401  (save_image_path re-exported)
 
 MAX_RESOLUTION = 16384
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -130,98 +125,6 @@ def preview_image(ctx: RunContext, images: torch.Tensor):
                        ctx.extra_pnginfo, compress_level=1)
     ctx.cache.setdefault("preview_images", []).extend(paths)
     return ()
-
-
-def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prompt: dict | None,
-               extra_pnginfo: dict | None, *, compress_level: int) -> list[str]:
-    """ComfyUI's SaveImage body: one PNG per batch entry with tEXt chunks ``prompt`` and each
-    ``extra_pnginfo`` key (JSON), counters continuing after the files already there."""
-    folder, filename, counter = save_image_path(filename_prefix, output_dir,
-                                                images[0].shape[1], images[0].shape[0])
-    metadata = PngInfo()
-    if prompt is not None:
-        metadata.add_text("prompt", json.dumps(prompt))
-    for key, value in (extra_pnginfo or {}).items():
-        metadata.add_text(key, json.dumps(value))
-    paths = []
-    for batch_number, image in enumerate(images):
-        pixels = np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
-        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        paths.append(_write_atomically(Image.fromarray(pixels), os.path.join(folder, name), metadata,
-                                       compress_level))
-        counter += 1
-    return paths
-
-
-def _write_atomically(img: Image.Image, path: str, metadata: PngInfo, compress_level: int) -> str:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kiln-", suffix=".png.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def save_image_path(filename_prefix: str, output_dir: str, image_width: int = 0,
-                    image_height: int = 0) -> tuple[str, str, int]:
-    """(folder, file name stem, first free counter) for a prefix such as ``"sub/name_%width%"``.
-
-    Expands the frontend's ``%date:yyyy-MM-dd%`` and the backend's ``%width%``, ``%height%``,
-    ``%year%`` ... tokens; ``%NodeTitle.widget%`` tokens (which need the UI graph) stay as text.
-    The counter is one past the largest ``<stem>_<digits>`` already in the folder.
-    """
-    filename_prefix = _expand_tokens(filename_prefix, image_width, image_height, datetime.now())
-    subfolder = os.path.dirname(os.path.normpath(filename_prefix))
-    filename = os.path.basename(os.path.normpath(filename_prefix))
-    output_dir = os.path.abspath(output_dir)
-    folder = os.path.join(output_dir, subfolder)
-    if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
-        raise ValueError(f"filename_prefix {filename_prefix!r} would save outside the output folder {output_dir}")
-    os.makedirs(folder, exist_ok=True)
-    return folder, filename, _next_counter(folder, filename)
-
-
-def _next_counter(folder: str, filename: str) -> int:
-    stem = os.path.normcase(filename)
-    highest = 0
-    for entry in os.listdir(folder):
-        head = entry[:len(filename) + 1]
-        if os.path.normcase(head[:-1]) != stem or head[-1:] != "_":
-            continue
-        try:
-            highest = max(highest, int(entry[len(filename) + 1:].split("_")[0]))
-        except ValueError:
-            pass
-    return highest + 1
-
-
-_DATE_TOKEN = re.compile(r"%date:([^%]+)%")
-_DATE_PART = re.compile(r"yyyy|yy|dd?|MM?|hh?|mm?|ss?")
-
-
-def _expand_tokens(prefix: str, width: int, height: int, now: datetime) -> str:
-    prefix = _DATE_TOKEN.sub(lambda m: _DATE_PART.sub(lambda p: _date_part(p.group(0), now), m.group(1)), prefix)
-    if "%" not in prefix:
-        return prefix
-    for token, value in (("%width%", str(width)), ("%height%", str(height)), ("%year%", str(now.year)),
-                         ("%month%", f"{now.month:02}"), ("%day%", f"{now.day:02}"),
-                         ("%hour%", f"{now.hour:02}"), ("%minute%", f"{now.minute:02}"),
-                         ("%second%", f"{now.second:02}")):
-        prefix = prefix.replace(token, value)
-    return prefix
-
-
-def _date_part(part: str, now: datetime) -> str:
-    if part == "yyyy":
-        return str(now.year)
-    if part == "yy":
-        return str(now.year)[2:]
-    value = {"d": now.day, "M": now.month, "h": now.hour, "m": now.minute, "s": now.second}[part[0]]
-    return f"{value:02}" if len(part) == 2 else str(value)
 
 
 @node("ImageScale",

@@ -1,0 +1,131 @@
+"""Running a loaded plan: bind runtime inputs, run the stages in order over the environment.
+
+The environment maps names (docs/plans.md) to values: folded constants (``const.*``), runtime
+inputs (``in.<node>.<input>``, kept as Python scalars so a 64-bit seed never wraps) and stage
+outputs, each freed after the last stage that reads it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from kiln.runtime.errors import PlanError
+from kiln.runtime.manifest import InputSpec, Manifest, input_env_name
+from kiln.runtime.plan import LoadedPlan
+from kiln.runtime.stages import StageContext, run_stage
+
+
+@dataclass
+class StageTiming:
+    name: str
+    kind: str
+    node_ids: list[str]
+    seconds: float
+
+
+@dataclass
+class PlanRun:
+    saved: list[str] = field(default_factory=list)          # PNGs written, in order
+    timings: list[StageTiming] = field(default_factory=list)
+
+
+def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, output_dir: str | Path = "output",
+             on_step: Callable[[str, int, int], None] | None = None) -> PlanRun:
+    """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
+
+    ``on_step(stage_name, step, total)`` reports sampler progress.
+    """
+    manifest = plan.manifest
+    bound = bind_inputs(manifest, values or {})
+    env: dict[str, Any] = {**plan.constants, **{input_env_name(name): v for name, v in bound.items()}}
+    kept = set(env)   # constants and inputs are cheap to keep; stage outputs are freed
+    last_use = {}
+    for index, stage in enumerate(manifest.stages):
+        for name in (*stage.outputs.values(), *stage.inputs.values()):
+            last_use[name] = index
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
+                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step)
+    run = PlanRun()
+    with torch.inference_mode():
+        for index, stage in enumerate(manifest.stages):
+            args = {local: env[name] for local, name in stage.inputs.items()}
+            start = time.perf_counter()
+            try:
+                out = run_stage(stage, args, ctx)
+            except PlanError:
+                raise
+            except Exception as exc:  # named with its stage and nodes; the CLI's --debug shows the traceback
+                raise PlanError("stage_failed", f"{stage.describe()} failed: {type(exc).__name__}: {exc}") from exc
+            run.timings.append(StageTiming(stage.name, stage.kind, stage.node_ids, time.perf_counter() - start))
+            for local, name in stage.outputs.items():
+                env[name] = out[local]
+            for name in (*stage.inputs.values(), *stage.outputs.values()):
+                if last_use[name] == index and name not in kept:
+                    env.pop(name, None)
+    run.saved = list(ctx.saved)
+    return run
+
+
+def bind_inputs(manifest: Manifest, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every runtime input's value (given or default), checked against its declaration."""
+    declared = {spec.name: spec for spec in manifest.inputs}
+    for name in values:
+        if name not in declared:
+            raise PlanError("invalid_input", "the plan has no runtime input of this name", input_name=name,
+                            expected=f"one of {', '.join(declared) or '(none: this plan takes no inputs)'}",
+                            found=repr(name), hint="(declare it with `kiln compile --input NODE.INPUT`)")
+    return {name: check_input(spec, values.get(name, spec.default)) for name, spec in declared.items()}
+
+
+def check_input(spec: InputSpec, value: Any) -> Any:
+    """The value as the input's type (ints accepted for FLOAT), or PlanError naming what was expected."""
+    kind = spec.type
+    if kind == "INT" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = {"INT": isinstance(value, int) and not isinstance(value, bool),
+          "FLOAT": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "BOOLEAN": isinstance(value, bool),
+          "STRING": isinstance(value, str),
+          "COMBO": spec.choices is not None and value in spec.choices}[kind]
+    if not ok:
+        expected = f"one of {', '.join(map(repr, spec.choices or []))}" if kind == "COMBO" else \
+            {"INT": "an integer", "FLOAT": "a number", "BOOLEAN": "true or false", "STRING": "a string"}[kind]
+        raise PlanError("invalid_input", "value has the wrong type" if kind != "COMBO" else "value not in list",
+                        input_name=spec.name, expected=expected, found=repr(value))
+    if kind == "FLOAT":
+        value = float(value)
+    if kind in ("INT", "FLOAT") and ((spec.min is not None and value < spec.min)
+                                     or (spec.max is not None and value > spec.max)):
+        low = "-inf" if spec.min is None else spec.min
+        high = "inf" if spec.max is None else spec.max
+        raise PlanError("invalid_input", "value outside the range the plan was compiled for", input_name=spec.name,
+                        expected=f"{low}..{high}", found=repr(value),
+                        hint="(recompile with a wider range, e.g. --input NODE.INPUT=MIN..MAX)")
+    return value
+
+
+def seed_values(manifest: Manifest, seed: int) -> dict[str, int]:
+    """``--seed``: the value for every seed input (``seed``, ``noise_seed``), as the interpreter sets it."""
+    names = [spec.name for spec in manifest.inputs if spec.type == "INT" and "seed" in spec.input_name]
+    if not names:
+        raise PlanError("invalid_input", "--seed was given but the plan has no seed input", input_name="seed",
+                        expected="a plan with a sampler seed input",
+                        found=f"inputs {', '.join(s.name for s in manifest.inputs) or '(none)'}")
+    return {name: seed for name in names}
+
+
+def workflow_with_inputs(manifest: Manifest, values: Mapping[str, Any]) -> dict:
+    """The source workflow with the runtime input values in it: the ``prompt`` saved PNGs carry,
+    so the embedded workflow reproduces the image."""
+    workflow = copy.deepcopy(manifest.workflow)
+    for spec in manifest.inputs:
+        node = workflow.get(spec.node_id)
+        if isinstance(node, dict) and isinstance(node.get("inputs"), dict):
+            node["inputs"][spec.input_name] = values[spec.name]
+    return workflow

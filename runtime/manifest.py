@@ -1,0 +1,191 @@
+"""The plan manifest: schema, format version, and the JSON (de)serialisation writer and reader share.
+
+A plan is a zip (docs/plans.md): ``manifest.json`` (this), ``weights.safetensors``,
+``constants.safetensors`` and one ``stages/<name>.pt2`` per compiled stage. Parsing checks
+``format`` and ``format_version`` before anything else, so a plan from another kiln says
+"version" rather than failing on whatever field changed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kiln.runtime.errors import PlanError
+
+FORMAT = "kiln-plan"
+FORMAT_VERSION = 1
+
+MANIFEST_MEMBER = "manifest.json"
+WEIGHTS_MEMBER = "weights.safetensors"
+CONSTANTS_MEMBER = "constants.safetensors"
+
+STAGE_KINDS = ("sample", "module", "save_image", "empty_latent")
+COMPILED_KINDS = ("sample", "module")   # stages that carry an artifact
+INPUT_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+RUNTIME_INPUT_PREFIX = "in."
+CONSTANT_PREFIX = "const."
+
+
+def artifact_member(stage_name: str) -> str:
+    return f"stages/{stage_name}.pt2"
+
+
+def input_env_name(input_name: str) -> str:
+    """Environment name of the runtime input ``"3.seed"``: ``"in.3.seed"``."""
+    return RUNTIME_INPUT_PREFIX + input_name
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A declared runtime input (compiler's RuntimeInput): a widget value settable at run time."""
+
+    name: str                  # "3.seed"
+    node_id: str
+    input_name: str
+    type: str                  # INPUT_TYPES
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    choices: list | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str                               # STAGE_KINDS
+    node_ids: list[str]
+    inputs: dict[str, str]                  # stage-local name -> environment name
+    outputs: dict[str, str]
+    params: dict = field(default_factory=dict)
+    artifact: str | None = None             # member name of the .pt2
+    constant_names: dict[str, str] = field(default_factory=dict)  # artifact FQN -> weights key
+
+    def describe(self) -> str:
+        """``stage sample_3 (sample; nodes 3)`` for error messages."""
+        return f"stage {self.name} ({self.kind}; node{'s' if len(self.node_ids) != 1 else ''} " \
+               f"{', '.join(self.node_ids)})"
+
+
+@dataclass
+class Manifest:
+    kiln_version: str
+    torch_version: str
+    target: dict                 # {"device": "cpu", "dtype": "fp32", "backend": "aoti"}
+    workflow: dict
+    inputs: list[InputSpec]
+    stages: list[StageSpec]
+    folded: list[dict] = field(default_factory=list)
+    dropped_models: list[str] = field(default_factory=list)
+    members: dict[str, str] = field(default_factory=dict)   # member name -> sha256 hex
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        ordered = {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
+        return json.dumps(ordered, indent=1, sort_keys=False).encode("utf-8")
+
+    def input(self, name: str) -> InputSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """JSON bytes -> Manifest; PlanError naming the first field that is wrong."""
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError("invalid_plan", f"manifest.json is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise PlanError("invalid_plan", "not a kiln plan: manifest.json has the wrong format tag",
+                        expected=repr(FORMAT), found=repr(found))
+    version = raw.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise PlanError("plan_version_mismatch", f"plan format version {version!r} is not supported by this kiln",
+                        expected=f"format version {FORMAT_VERSION}", found=f"format version {version!r}",
+                        hint="(recompile the plan with this kiln)")
+    return manifest_from_dict(raw)
+
+
+def manifest_from_dict(raw: dict) -> Manifest:
+    """Structural validation of a manifest dict (also what the writer checks before writing)."""
+    _field(raw, "kiln_version", str)
+    _field(raw, "torch_version", str)
+    target = _field(raw, "target", dict)
+    for key in ("device", "dtype", "backend"):
+        _field(target, key, str, "target")
+    _field(raw, "workflow", dict)
+    inputs = [_input_spec(item, i) for i, item in enumerate(_field(raw, "inputs", list))]
+    stages = [_stage_spec(item, i) for i, item in enumerate(_field(raw, "stages", list))]
+    _unique([s.name for s in inputs], "input")
+    _unique([s.name for s in stages], "stage")
+    members = _field(raw, "members", dict)
+    for required in (WEIGHTS_MEMBER, CONSTANTS_MEMBER):
+        if required not in members:
+            raise PlanError("invalid_plan", f"manifest does not list member {required}")
+    for stage in stages:
+        if stage.artifact is not None and stage.artifact not in members:
+            raise PlanError("invalid_plan", f"{stage.describe()} names artifact {stage.artifact!r}, "
+                            "which is not a listed member")
+    return Manifest(kiln_version=raw["kiln_version"], torch_version=raw["torch_version"], target=dict(target),
+                    workflow=raw["workflow"], inputs=inputs, stages=stages,
+                    folded=list(_field(raw, "folded", list)), dropped_models=list(_field(raw, "dropped_models", list)),
+                    members=dict(members), format=raw.get("format", FORMAT),
+                    format_version=raw.get("format_version", FORMAT_VERSION))
+
+
+def _input_spec(item: Any, index: int) -> InputSpec:
+    where = f"inputs[{index}]"
+    if not isinstance(item, dict):
+        raise PlanError("invalid_plan", f"manifest {where} is not an object")
+    spec = InputSpec(name=_field(item, "name", str, where), node_id=_field(item, "node_id", str, where),
+                     input_name=_field(item, "input_name", str, where), type=_field(item, "type", str, where),
+                     default=item.get("default"), min=item.get("min"), max=item.get("max"),
+                     choices=item.get("choices"))
+    if spec.type not in INPUT_TYPES:
+        raise PlanError("invalid_plan", f"manifest {where} ({spec.name}) has an unknown type",
+                        expected=" | ".join(INPUT_TYPES), found=repr(spec.type))
+    if spec.type == "COMBO" and not isinstance(spec.choices, list):
+        raise PlanError("invalid_plan", f"manifest {where} ({spec.name}) is a COMBO without choices")
+    return spec
+
+
+def _stage_spec(item: Any, index: int) -> StageSpec:
+    where = f"stages[{index}]"
+    if not isinstance(item, dict):
+        raise PlanError("invalid_plan", f"manifest {where} is not an object")
+    stage = StageSpec(name=_field(item, "name", str, where), kind=_field(item, "kind", str, where),
+                      node_ids=[str(n) for n in _field(item, "node_ids", list, where)],
+                      inputs=dict(_field(item, "inputs", dict, where)),
+                      outputs=dict(_field(item, "outputs", dict, where)),
+                      params=dict(_field(item, "params", dict, where)),
+                      artifact=item.get("artifact"), constant_names=dict(item.get("constant_names") or {}))
+    if stage.kind not in STAGE_KINDS:
+        raise PlanError("invalid_plan", f"manifest {where} ({stage.name}) has an unknown stage kind",
+                        expected=" | ".join(STAGE_KINDS), found=repr(stage.kind))
+    if (stage.artifact is not None) != (stage.kind in COMPILED_KINDS):
+        expected = "an artifact" if stage.kind in COMPILED_KINDS else "no artifact"
+        raise PlanError("invalid_plan", f"{stage.describe()} is malformed", expected=expected,
+                        found=repr(stage.artifact))
+    return stage
+
+
+def _field(raw: dict, key: str, kind: type, where: str = "") -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind):
+        name = f"{where}.{key}" if where else key
+        raise PlanError("invalid_plan", f"manifest field {name} is missing or malformed",
+                        expected=f"a JSON {_JSON_NAMES[kind]}", found=repr(value)[:60])
+    return value
+
+
+_JSON_NAMES = {str: "string", dict: "object", list: "array"}
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise PlanError("invalid_plan", f"manifest lists {what} {name!r} twice")
+        seen.add(name)

@@ -1,0 +1,249 @@
+"""Reading plan files: open, verify everything, then load.
+
+``load_plan`` refuses a plan before running anything when the file is not a zip, is truncated,
+has the wrong format version, was built by another torch, targets a device this machine lacks,
+misses a member or has a member whose sha256 differs from the manifest, and says which.
+Weights and constants are memory-mapped straight out of the (uncompressed, aligned) zip.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
+from kiln.runtime.errors import PlanError
+from kiln.runtime.manifest import CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest, parse_manifest
+from kiln.runtime.stages import check_dataflow
+
+ZIP_MAGIC = b"PK\x03\x04"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., file name length, extra length
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class PlanReader:
+    """A plan file opened for reading: its manifest, members and their bytes (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PlanError("invalid_plan", f"plan file {self.path} does not exist")
+        with open(self.path, "rb") as f:
+            head = f.read(4)
+        if head != ZIP_MAGIC:
+            raise PlanError("invalid_plan", f"{self.path} is not a kiln plan (not a zip file)",
+                            expected="a .plan file written by `kiln compile`", found=f"a file starting with {head!r}")
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                self.entries = {info.filename: info for info in zf.infolist()}
+                if MANIFEST_MEMBER not in self.entries:
+                    raise PlanError("invalid_plan", f"{self.path} is missing member {MANIFEST_MEMBER}")
+                manifest = zf.read(MANIFEST_MEMBER)
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise PlanError("invalid_plan", f"{self.path} is truncated or damaged: its zip directory cannot be read",
+                            found=str(exc), hint="(copy or download the plan again)") from None
+        self.manifest: Manifest = parse_manifest(manifest)
+        with open(self.path, "rb") as f:   # the map keeps its own handle
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # writable: torch.frombuffer wants it
+
+    def check_compatible(self) -> None:
+        """torch version, backend and target device against this process."""
+        m = self.manifest
+        if _release(m.torch_version) != _release(torch.__version__):
+            raise PlanError("plan_version_mismatch", "the plan was compiled with another torch version",
+                            expected=f"torch {m.torch_version}", found=f"torch {torch.__version__}",
+                            hint="(recompile the plan with this torch)")
+        if m.target["backend"] != "aoti":
+            raise PlanError("invalid_plan", "the plan uses a backend this runtime cannot run",
+                            expected="aoti", found=repr(m.target["backend"]))
+        device = torch.device(m.target["device"])
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count <= (device.index or 0):
+                raise PlanError("plan_device_unavailable",
+                                f"the plan targets {m.target['device']} but torch sees no such CUDA device",
+                                expected=m.target["device"], found=f"{count} CUDA device(s)",
+                                hint="(compile a plan for this machine with --device cpu)")
+        elif device.type != "cpu":
+            raise PlanError("plan_device_unavailable", "the plan targets a device this runtime does not support",
+                            expected="cpu or cuda", found=repr(m.target["device"]))
+
+    def verify_members(self) -> None:
+        """Every listed member present, stored, and matching its sha256; nothing unlisted."""
+        listed = self.manifest.members
+        missing = [name for name in listed if name not in self.entries]
+        if missing:
+            raise PlanError("invalid_plan", f"the plan is missing member{_s(missing)} {', '.join(missing)}",
+                            expected="every member its manifest lists", hint="(the file was altered)")
+        unlisted = [name for name in self.entries if name not in listed and name != MANIFEST_MEMBER]
+        if unlisted:
+            raise PlanError("invalid_plan", f"the plan has {'a member' if len(unlisted) == 1 else 'members'} "
+                            f"its manifest does not list: {', '.join(unlisted)}", hint="(the file was altered)")
+        compressed = [name for name in listed if self.entries[name].compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            raise PlanError("invalid_plan", f"member{_s(compressed)} {', '.join(compressed)} "
+                            f"{'is' if len(compressed) == 1 else 'are'} compressed; kiln plans store members "
+                            "uncompressed", hint="(the file was re-zipped)")
+        bad = [(name, sha, sha256_of(self.member(name))) for name, sha in listed.items()]
+        bad = [item for item in bad if item[1] != item[2]]
+        if bad:
+            names = ", ".join(name for name, _, _ in bad)
+            raise PlanError("plan_member_mismatch",
+                            f"member{_s(bad)} {names} do{'es' if len(bad) == 1 else ''} not match the manifest's "
+                            "sha256 (damaged or modified)",
+                            expected=f"sha256 {bad[0][1][:16]}...", found=f"sha256 {bad[0][2][:16]}...")
+
+    def member_range(self, name: str) -> tuple[int, int]:
+        """(start, end) byte offsets of a stored member's data in the file."""
+        info = self.entries[name]
+        try:
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(self._map, info.header_offset)
+        except struct.error:
+            signature = None
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len if signature == ZIP_MAGIC else None
+        if start is None or start + info.file_size > len(self._map):
+            raise PlanError("invalid_plan", f"{self.path}: member {name} lies outside the file (truncated or damaged)")
+        return start, start + info.file_size
+
+    def member(self, name: str) -> memoryview:
+        start, end = self.member_range(name)
+        return memoryview(self._map)[start:end]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A safetensors member as CPU tensors viewing the mapped file (no copy)."""
+        start, end = self.member_range(name)
+        try:
+            (header_len,) = struct.unpack_from("<Q", self._map, start)
+            header = json.loads(bytes(self._map[start + 8:start + 8 + header_len]))
+            header.pop("__metadata__", None)
+            base = start + 8 + header_len
+            out = {}
+            for key, entry in header.items():
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                begin, stop = entry["data_offsets"]
+                count = (stop - begin) // dtype.itemsize
+                if base + stop > end:
+                    raise ValueError(f"tensor {key} runs past the member")
+                flat = (torch.frombuffer(self._map, dtype=dtype, count=count, offset=base + begin) if count
+                        else torch.empty(0, dtype=dtype))
+                out[key] = flat.reshape(entry["shape"])
+        except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise PlanError("invalid_plan", f"member {name} is not a readable safetensors file ({exc})") from None
+        return out
+
+
+@dataclass
+class LoadedPlan:
+    """A verified plan ready to run: constants, compiled stages with their weights, the device."""
+
+    path: Path
+    manifest: Manifest
+    device: torch.device
+    constants: dict[str, torch.Tensor]
+    compiled: dict[str, CompiledStage]
+    member_sizes: dict[str, int]
+    load_seconds: float
+
+
+def load_plan(path: str | Path) -> LoadedPlan:
+    """Verify (format, versions, device, member hashes), then map weights and load the artifacts."""
+    start = time.perf_counter()
+    reader = PlanReader(path)
+    reader.check_compatible()
+    reader.verify_members()
+    manifest = reader.manifest
+    constants = reader.tensors(CONSTANTS_MEMBER)
+    check_dataflow(manifest, constants)
+    device = torch.device(manifest.target["device"])
+    weights = reader.tensors(WEIGHTS_MEMBER)
+    if device.type != "cpu":
+        weights = {key: tensor.to(device) for key, tensor in weights.items()}
+    compiled, loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
+    for stage in manifest.stages:
+        if stage.artifact is None:
+            continue
+        absent = sorted(key for key in stage.constant_names.values() if key not in weights)
+        if absent:
+            raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
+                            found=", ".join(absent[:8]))
+        key = (stage.artifact, tuple(sorted(stage.constant_names.items())))
+        if key not in loaded:
+            artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact])
+            loaded[key] = CompiledStage(artifact, {fqn: weights[k] for fqn, k in stage.constant_names.items()},
+                                        device, stage.describe())
+        compiled[stage.name] = loaded[key]
+    sizes = {name: info.file_size for name, info in reader.entries.items()}
+    return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start)
+
+
+def describe_plan(path: str | Path) -> str:
+    """What ``kiln inspect`` prints: target, inputs, stages, folded nodes, members and sizes.
+
+    Reads the manifest only (no hashing, no loading), so it also works on a plan this machine
+    cannot run; compatibility problems are listed instead of raised.
+    """
+    reader = PlanReader(path)
+    m = reader.manifest
+    sizes = {name: info.file_size for name, info in reader.entries.items()}
+    lines = [f"plan {reader.path}: {m.format} v{m.format_version}, kiln {m.kiln_version}, torch {m.torch_version}",
+             f"target: {m.target['device']} {m.target['dtype']} ({m.target['backend']})"]
+    try:
+        reader.check_compatible()
+    except PlanError as problem:
+        lines.append(f"cannot run here: {problem.format()}")
+    lines.append(f"inputs ({len(m.inputs)}):")
+    for spec in m.inputs:
+        allowed = ""
+        if spec.choices is not None:
+            allowed = f", one of {', '.join(map(str, spec.choices[:6]))}{', ...' if len(spec.choices) > 6 else ''}"
+        elif spec.min is not None or spec.max is not None:
+            allowed = f", range {_num(spec.min)}..{_num(spec.max)}"
+        lines.append(f"  {spec.name}: {spec.type}, default {spec.default!r}{allowed}")
+    lines.append(f"stages ({len(m.stages)}):")
+    for i, stage in enumerate(m.stages, 1):
+        lines.append(f"  {i}. {stage.name}: {stage.kind}, node{_s(stage.node_ids)} {', '.join(stage.node_ids)}")
+        reads, writes = ", ".join(stage.inputs.values()) or "-", ", ".join(stage.outputs.values()) or "-"
+        lines.append(f"     reads {reads}; writes {writes}")
+        if stage.artifact is not None:
+            lines.append(f"     artifact {stage.artifact} ({_size(sizes.get(stage.artifact, 0))}), "
+                         f"{len(stage.constant_names)} weight{_s(stage.constant_names)}")
+    lines.append(f"folded ({len(m.folded)} node{_s(m.folded)}):")
+    for entry in m.folded:
+        lines.append(f"  {entry.get('node_id')} {entry.get('class_type')} -> {', '.join(entry.get('outputs', []))}")
+    if m.dropped_models:
+        lines.append(f"models left out (used only by folded nodes): {', '.join(m.dropped_models)}")
+    lines.append(f"members ({_size(reader.path.stat().st_size)} in all):")
+    lines.extend(f"  {name}: {_size(size)}" for name, size in sizes.items())
+    return "\n".join(lines)
+
+
+def _release(version: str) -> str:
+    """``2.14.1+cu130`` -> ``2.14.1``: the local build tag (CUDA flavour) does not change the ABI."""
+    return version.split("+", 1)[0]
+
+
+def _s(items) -> str:
+    return "" if len(items) == 1 else "s"
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"

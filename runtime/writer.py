@@ -1,0 +1,177 @@
+"""PlanWriter: the compiler's way to write a plan file (the reader's schema lives in manifest.py).
+
+Members are stored uncompressed and each starts on a 64-byte boundary (padding goes into the
+local header's extra field, as Android's zipalign does), so the runtime can memory-map the
+weights straight out of the zip with every tensor aligned. Weights are deduplicated by
+content: the UNet two sampler stages share is stored once and both stages' constant maps
+point at the same keys; identical artifacts (one denoiser for both stages) are one member.
+The file appears at its destination only when complete (temporary file in the same folder,
+then ``os.replace``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from kiln.runtime.artifacts import cached_artifact, constant_fqns, sha256_of
+from kiln.runtime.manifest import (COMPILED_KINDS, CONSTANTS_MEMBER, FORMAT, FORMAT_VERSION, MANIFEST_MEMBER,
+                                   WEIGHTS_MEMBER, artifact_member, manifest_from_dict)
+from kiln.runtime.stages import check_dataflow
+
+MEMBER_ALIGNMENT = 64
+_PADDING_EXTRA_ID = 0xD935   # zipalign's extra-field id: ignored by every zip reader
+_LOCAL_HEADER_SIZE = 30
+_ZIP64_LOCAL_EXTRA_SIZE = 20   # what zipfile appends to the local header of a zip64 member
+
+
+class PlanWriter:
+    """Collect a plan's artifacts, weights and constants; ``write(manifest)`` writes the zip.
+
+    Typical use by lowering::
+
+        writer = PlanWriter("hires.plan")
+        for stage in program.stages:          # compiled ones
+            writer.add_artifact(stage.name, pt2_path, stage.module.state_dict())
+        writer.add_constants(program.constants)
+        writer.write({"target": ..., "workflow": ..., "inputs": [...], "stages": [...],
+                      "folded": [...], "dropped_models": [...]})
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._artifacts: dict[str, bytes] = {}               # stage -> .pt2 bytes
+        self._members: dict[str, str] = {}                   # stage -> artifact member (shared if identical)
+        self._constant_names: dict[str, dict[str, str]] = {}  # stage -> FQN -> weights key
+        self._weights: dict[str, torch.Tensor] = {}          # weights key -> tensor
+        self._weight_keys: dict[tuple, str] = {}             # content key -> weights key
+        self._constants: dict[str, torch.Tensor] = {}
+
+    def add_artifact(self, stage_name: str, artifact: bytes | str | os.PathLike,
+                     weights: Mapping[str, torch.Tensor], device: str = "cpu") -> dict[str, str]:
+        """Store the stage's ``.pt2`` and the weights it was compiled without.
+
+        ``weights`` maps constant FQNs to tensors and may hold more than the artifact needs (a
+        whole state dict): only the FQNs the package asks for are kept. Returns the stage's
+        ``constant_names`` (FQN -> weights key). ``device`` is where the package can be opened
+        to list its constants (the compile target).
+        """
+        data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
+        fqns = constant_fqns(cached_artifact(data, sha256_of(data)), device)
+        missing = [fqn for fqn in fqns if fqn not in weights]
+        if missing:
+            raise ValueError(f"stage {stage_name}: the artifact needs weights that were not given: {missing[:8]}")
+        same = next((stage for stage, blob in self._artifacts.items() if blob == data), None)
+        self._members[stage_name] = self._members[same] if same is not None else artifact_member(stage_name)
+        self._artifacts[stage_name] = data
+        names = {fqn: self._add_weight(stage_name, fqn, weights[fqn]) for fqn in fqns}
+        self._constant_names[stage_name] = names
+        return names
+
+    def add_constants(self, constants: Mapping[str, torch.Tensor]) -> None:
+        """Folded environment values (``const.<node>.<slot>.<field>`` -> tensor)."""
+        for name, tensor in constants.items():
+            self._constants[name] = _storable(tensor)
+
+    def write(self, manifest: Mapping) -> Path:
+        """Fill in format, versions, artifacts, constant maps and member hashes; validate; write.
+
+        ``manifest`` holds target, workflow, inputs, stages (dicts per docs/plans.md, without
+        ``artifact``/``constant_names``), folded and dropped_models.
+        """
+        data = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
+                "kiln_version": metadata.version("kiln"), "torch_version": torch.__version__,
+                "stages": [self._stage_entry(dict(stage)) for stage in manifest["stages"]]}
+        unused = set(self._artifacts) - {stage["name"] for stage in data["stages"]}
+        if unused:
+            raise ValueError(f"artifacts were added for stages the manifest does not list: {sorted(unused)}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".kiln-plan-") as scratch:
+            members = {WEIGHTS_MEMBER: _safetensors_file(self._weights, Path(scratch) / "w"),
+                       CONSTANTS_MEMBER: _safetensors_file(self._constants, Path(scratch) / "c")}
+            for stage_name, blob in self._artifacts.items():
+                members[self._members[stage_name]] = blob   # identical artifacts: one member
+            data["members"] = {name: _sha256(content) for name, content in members.items()}
+            checked = manifest_from_dict(data)
+            check_dataflow(checked, self._constants)
+            tmp = Path(scratch) / "plan.zip"
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+                for name, content in {**members, MANIFEST_MEMBER: checked.to_json()}.items():
+                    _write_aligned(zf, name, content)
+            os.replace(tmp, self.path)
+        return self.path
+
+    def _stage_entry(self, stage: dict) -> dict:
+        name = stage.get("name")
+        if stage.get("kind") in COMPILED_KINDS:
+            if name not in self._artifacts:
+                raise ValueError(f"stage {name} ({stage.get('kind')}) has no artifact: call add_artifact first")
+            stage.update(artifact=self._members[name], constant_names=self._constant_names[name])
+        else:
+            stage.update(artifact=None, constant_names={})
+        return stage
+
+    def _add_weight(self, stage_name: str, fqn: str, tensor: torch.Tensor) -> str:
+        tensor = _storable(tensor)
+        digest = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        content = (str(tensor.dtype), tuple(tensor.shape), digest)
+        key = self._weight_keys.get(content)
+        if key is None:
+            key = fqn if fqn not in self._weights else f"{stage_name}/{fqn}"
+            self._weights[key] = tensor
+            self._weight_keys[content] = key
+        return key
+
+
+def _storable(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _safetensors_file(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """safetensors refuses tensors sharing storage (views of one weight): those are copied."""
+    seen, unshared = set(), {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        unshared[name] = tensor.clone() if storage in seen and tensor.numel() else tensor
+        seen.add(storage)
+    save_file(unshared, str(path))
+    return path
+
+
+def _sha256(content: bytes | Path) -> str:
+    if isinstance(content, bytes):
+        return sha256_of(content)
+    digest = hashlib.sha256()
+    with open(content, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_aligned(zf: zipfile.ZipFile, name: str, content: bytes | Path) -> None:
+    """Add a stored member whose data starts at a multiple of MEMBER_ALIGNMENT in the file."""
+    size = len(content) if isinstance(content, bytes) else content.stat().st_size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT   # zipfile's own rule for a member of known size
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    header = _LOCAL_HEADER_SIZE + len(name.encode("utf-8")) + (_ZIP64_LOCAL_EXTRA_SIZE if zip64 else 0)
+    pad = -(zf.fp.tell() + header) % MEMBER_ALIGNMENT
+    if pad < 4:   # an extra field is at least its 4-byte id + length
+        pad += MEMBER_ALIGNMENT
+    info.extra = struct.pack("<HH", _PADDING_EXTRA_ID, pad - 4) + bytes(pad - 4)
+    with zf.open(info, "w", force_zip64=zip64) as dest:
+        if isinstance(content, bytes):
+            dest.write(content)
+        else:
+            with open(content, "rb") as src:
+                shutil.copyfileobj(src, dest, 1 << 24)
