@@ -1,0 +1,250 @@
+"""Fused loops for DPM-Solver++: dpmpp_2s_ancestral, dpmpp_2m, dpmpp_sde, dpmpp_2m_sde(_heun),
+dpmpp_3m_sde (and the ``_gpu`` names). Each mirrors ``kiln.kernels.samplers.dpmpp``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..noise import BrownianTreeNoiseSampler, default_noise_sampler
+from ..samplers.common import get_ancestral_step
+from .loop import Stepper
+
+_NO_NOISE = (0.0, 0.0, 0.0)
+
+
+def _t(sigma):
+    return sigma.log().neg()
+
+
+def _sigma(t):
+    return t.neg().exp()
+
+
+def _sde_setup(run, x, model, extra_args, noise_sampler, s_noise, cpu_tree):
+    """ComfyUI's SNR-safe sigmas (on the host copy), scaled s_noise, the Brownian tree over the schedule."""
+    model_sampling = model.model_sampling
+    if noise_sampler is None:
+        sigmas = run.sigmas
+        noise_sampler = BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                 seed=(extra_args or {}).get("seed"), cpu=cpu_tree)
+    run.sigmas = model_sampling.offset_first_sigma_for_snr(run.sigmas)
+    run.sig = model_sampling.offset_first_sigma_for_snr(run.sig)
+    return model_sampling, noise_sampler, s_noise * getattr(model_sampling, "noise_scale", 1.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                              eta=1.0, s_noise=1.0, noise_sampler=None):
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
+    for i in range(len(sigmas) - 1):
+        s, sn = run.sig[i], run.sig[i + 1]
+        cond, uncond = run.predict(x, s)
+        sigma_down, sigma_up = get_ancestral_step(s, sn, eta=eta)
+        if sigma_down == 0:
+            noise = noise_sampler(sigmas[i], sigmas[i + 1]) if sn > 0 else None
+            out, den = run("euler", (s, sigma_down - s, s_noise, sigma_up, 1.0), x=x, cond=cond, uncond=uncond,
+                           noise=noise, store=run.den_store)
+        else:
+            t, t_next = _t(s), _t(sigma_down)
+            h = t_next - t
+            sigma_s = _sigma(t + 1 / 2 * h)
+            x_2, den = run("expint", (sigma_s / _sigma(t), (-h * (1 / 2)).expm1(), 0.0, 0.0, *_NO_NOISE),
+                           x=x, cond=cond, uncond=uncond, store=run.den_store)
+            cond, uncond = run.predict(x_2, sigma_s)
+            noise = noise_sampler(sigmas[i], sigmas[i + 1]) if sn > 0 else None
+            out = run("expint", (_sigma(t_next) / _sigma(t), (-h).expm1(), 0.0, 0.0, s_noise, sigma_up, 1.0),
+                      x=x, cond=cond, uncond=uncond, noise=noise)[0]
+        run.report(x, i, sigmas[i], den)
+        x = out
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        s, sn = run.sig[i], run.sig[i + 1]
+        cond, uncond = run.predict(x, s)
+        t, t_next = _t(s), _t(sn)
+        h = t_next - t
+        w_old = w_new = 0.0
+        old = None
+        if old_denoised is not None and sn != 0:
+            r = (t - _t(run.sig[i - 1])) / h
+            w_old, w_new, old = -(1 / (2 * r)), 1 + 1 / (2 * r), old_denoised
+        out, den = run("expint", (_sigma(t_next) / _sigma(t), (-h).expm1(), w_old, w_new, *_NO_NOISE),
+                       x=x, cond=cond, uncond=uncond, old=old, store=("den",))
+        run.report(x, i, sigmas[i], den)
+        x, old_denoised = out, den
+    return x
+
+
+def _sde_substep_row(s, lambda_s, lambda_to, sigma_to, eta, s_noise, w_old=0.0, w_new=0.0):
+    """expint row of one dpmpp_sde move (eager ``dpmpp_sde_substep``'s scalars)."""
+    alpha_s = s * lambda_s.exp()
+    alpha_to = sigma_to * lambda_to.exp()
+    sd, su = get_ancestral_step(lambda_s.neg().exp(), lambda_to.neg().exp(), eta)
+    h_ = sd.log().neg() - lambda_s
+    return ((alpha_to / alpha_s) * (-h_).exp(), alpha_to * (-h_).expm1(), w_old, w_new, alpha_to, s_noise, su)
+
+
+def _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree):
+    if len(sigmas) <= 1:
+        return x
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    model_sampling, noise_sampler, s_noise = _sde_setup(run, x, model, extra_args, noise_sampler, s_noise, cpu_tree)
+    lam, sigma_fn = model_sampling.sigma_to_half_log_snr, model_sampling.half_log_snr_to_sigma
+    add_noise = eta > 0 and s_noise > 0
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        s, sn = run.sig[i], run.sig[i + 1]
+        cond, uncond = run.predict(x, s)
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, x=x, cond=cond, uncond=uncond, store=run.den_store)
+        else:
+            lambda_s, lambda_t = lam(s), lam(sn)
+            lambda_s_1 = lambda_s + r * (lambda_t - lambda_s)
+            sigma_s_1 = sigma_fn(lambda_s_1)
+            noise = noise_sampler(run.sigmas[i], run.dev(sigma_s_1)) if add_noise else None
+            x_2, den = run("expint", _sde_substep_row(s, lambda_s, lambda_s_1, sigma_s_1, eta, s_noise),
+                           x=x, cond=cond, uncond=uncond, noise=noise, store=("den",))
+            cond, uncond = run.predict(x_2, sigma_s_1)
+            noise = noise_sampler(run.sigmas[i], run.sigmas[i + 1]) if add_noise else None
+            out = run("expint", _sde_substep_row(s, lambda_s, lambda_t, sn, eta, s_noise, 1 - fac, fac),
+                      x=x, cond=cond, uncond=uncond, old=den, noise=noise)[0]
+        run.report(x, i, run.sigmas[i], den)
+        x = out
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                     eta=1.0, s_noise=1.0, noise_sampler=None, r=1 / 2):
+    return _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree=True)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                         eta=1.0, s_noise=1.0, noise_sampler=None, r=1 / 2):
+    return _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree=False)
+
+
+def _sde_base(s, sn, lambda_s, lambda_t, eta):
+    """h, h_eta, alpha_t and the first-order part (a, b) of the 2M/3M SDE update."""
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    alpha_t = sn * lambda_t.exp()
+    return h, h_eta, alpha_t, sn / s * (-h * eta).exp(), alpha_t * (-h_eta).expm1().neg()
+
+
+def _sde_noise_row(sn, h, eta, s_noise):
+    return sn, (-2 * h * eta).expm1().neg().sqrt(), s_noise
+
+
+def _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, cpu_tree):
+    if len(sigmas) <= 1:
+        return x
+    if solver_type not in {"heun", "midpoint"}:
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    model_sampling, noise_sampler, s_noise = _sde_setup(run, x, model, extra_args, noise_sampler, s_noise, cpu_tree)
+    lam = model_sampling.sigma_to_half_log_snr
+    old_denoised, h = None, None
+    for i in range(len(sigmas) - 1):
+        s, sn = run.sig[i], run.sig[i + 1]
+        cond, uncond = run.predict(x, s)
+        h_last = h
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, x=x, cond=cond, uncond=uncond, store=("den",))
+        else:
+            noise = noise_sampler(run.sigmas[i], run.sigmas[i + 1]) if eta > 0 and s_noise > 0 else None
+            h, h_eta, alpha_t, a, b = _sde_base(s, sn, lam(s), lam(sn), eta)
+            c, mode = 0.0, 0
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    c = alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r)
+                else:
+                    c = 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r)
+                mode = 1
+            row = (a, b, c, 0.0, 0.0, 0.0, 0.0, *_sde_noise_row(sn, h, eta, s_noise))
+            out, den = run("sde_multistep", row, x=x, cond=cond, uncond=uncond, h1=old_denoised, noise=noise,
+                           mode=mode, store=("den",))
+        run.report(x, i, run.sigmas[i], den)
+        x, old_denoised = out, den
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, True)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                            eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                             eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="heun"):
+    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, True)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                                 eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="heun"):
+    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, False)
+
+
+def _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree):
+    if len(sigmas) <= 1:
+        return x
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    model_sampling, noise_sampler, s_noise = _sde_setup(run, x, model, extra_args, noise_sampler, s_noise, cpu_tree)
+    lam = model_sampling.sigma_to_half_log_snr
+    denoised_1 = denoised_2 = None
+    h = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        s, sn = run.sig[i], run.sig[i + 1]
+        cond, uncond = run.predict(x, s)
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, x=x, cond=cond, uncond=uncond, store=("den",))
+        else:
+            noise = noise_sampler(run.sigmas[i], run.sigmas[i + 1]) if eta > 0 and s_noise > 0 else None
+            h, h_eta, alpha_t, a, b = _sde_base(s, sn, lam(s), lam(sn), eta)
+            c = r0 = r1 = r01 = p3 = 0.0
+            mode = 0
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                c, r01, p3, mode = alpha_t * phi_2, r0 + r1, alpha_t * phi_3, 3
+            elif h_1 is not None:
+                r0 = h_1 / h
+                c, mode = alpha_t * (h_eta.neg().expm1() / h_eta + 1), 2
+            row = (a, b, c, r0, r1, r01, p3, *_sde_noise_row(sn, h, eta, s_noise))
+            out, den = run("sde_multistep", row, x=x, cond=cond, uncond=uncond, h1=denoised_1, h2=denoised_2,
+                           noise=noise, mode=mode, store=("den",))
+        run.report(x, i, run.sigmas[i], den)
+        x = out
+        denoised_1, denoised_2 = den, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                        eta=1.0, s_noise=1.0, noise_sampler=None):
+    return _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree=True)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                            eta=1.0, s_noise=1.0, noise_sampler=None):
+    return _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree=False)
