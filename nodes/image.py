@@ -17,7 +17,6 @@ from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageErro
 from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
 from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, RunContext, node
 from kiln.nodes.resize import common_upscale
-from kiln.runtime.images import expand_tokens as _expand_tokens  # noqa: F401  (tests/test_image_nodes.py)
 from kiln.runtime.images import save_image_path, write_pngs  # noqa: F401  (save_image_path re-exported)
 
 MAX_RESOLUTION = 16384

@@ -11,7 +11,8 @@ import torch
 from kiln.kernels.noise import prepare_noise
 from kiln.kernels.samplers import SAMPLER_NAMES
 from kiln.kernels.schedules import SCHEDULER_NAMES, advanced_sigmas, ksampler_sigmas
-from kiln.nodes.guider import Guider, repeat_to_batch_size
+from kiln.kernels.batching import repeat_to_batch_size
+from kiln.nodes.guider import Guider
 from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, RunContext, node
 
 _STEPS_CFG_SAMPLER = (

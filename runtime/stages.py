@@ -11,13 +11,12 @@ it is a runtime input there, else from its ``params``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
+from kiln.kernels.batching import prepare_mask
 from kiln.kernels.ksampler import ksampler_sample
 from kiln.kernels.model_sampling import LatentFormat, ModelSamplingDiscrete
 from kiln.kernels.noise import prepare_noise
@@ -177,20 +176,6 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     samples = ksampler_sample(model, sampler_name, sigmas, noise, x0, seed=seed, denoise_mask=denoise_mask,
                               callback=callback, model_options={})
     return {"samples": latent_format.process_out(samples.to(torch.float32)).cpu()}
-
-
-def prepare_mask(noise_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A LATENT ``noise_mask`` as the sampler's denoise mask (``comfy.utils.reshape_mask``):
-    bilinear to the latent size, repeated over channels, tiled or cut to the batch."""
-    mask = noise_mask.reshape((-1, 1, noise_mask.shape[-2], noise_mask.shape[-1]))
-    mask = F.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
-    if mask.shape[1] < shape[1]:
-        mask = mask.repeat((1, shape[1], 1, 1))[:, :shape[1]]
-    if mask.shape[0] > shape[0]:
-        mask = mask[:shape[0]]
-    elif mask.shape[0] < shape[0]:
-        mask = mask.repeat((math.ceil(shape[0] / mask.shape[0]), 1, 1, 1))[:shape[0]]
-    return mask.float()
 
 
 # --- module, save_image, empty_latent ----------------------------------------------------

@@ -5,7 +5,8 @@ import torch
 
 from kiln.kernels.model_sampling import SD15_LATENT, ModelSamplingDiscrete
 from kiln.nodes.conditioning import conditioning_combine, conditioning_set_area, conditioning_zero_out
-from kiln.nodes.guider import Guider, prepare_mask
+from kiln.kernels.batching import prepare_mask
+from kiln.nodes.guider import Guider
 
 
 class FakeModel:

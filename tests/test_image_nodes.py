@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kiln.nodes import image as image_nodes
 from kiln.nodes.image import (image_scale, image_scale_by, load_image, load_image_mask, preview_image,
                               save_image, save_image_path)
 from kiln.nodes.registry import RunContext
 from kiln.nodes.resize import common_upscale
+from kiln.runtime.images import expand_tokens
 
 
 @pytest.fixture
@@ -117,9 +117,9 @@ def test_save_image_subfolder_and_tokens(ctx):
 
 def test_date_tokens():
     now = datetime(2024, 3, 7, 9, 5, 2)
-    assert image_nodes._expand_tokens("%date:yyyy-MM-dd%/a_%date:hhmmss%_%date:yy.M.d%", 1, 1, now) == \
+    assert expand_tokens("%date:yyyy-MM-dd%/a_%date:hhmmss%_%date:yy.M.d%", 1, 1, now) == \
         "2024-03-07/a_090502_24.3.7"
-    assert image_nodes._expand_tokens("%year%%month%_%NodeTitle.seed%", 1, 1, now) == "202403_%NodeTitle.seed%"
+    assert expand_tokens("%year%%month%_%NodeTitle.seed%", 1, 1, now) == "202403_%NodeTitle.seed%"
 
 
 def test_save_failure_leaves_no_file(ctx, monkeypatch):

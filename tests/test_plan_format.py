@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from kiln.cli import main
 from kiln.kernels.model_sampling import SD15_LATENT, ModelSamplingDiscrete
 from kiln.kernels.schedules import advanced_sigmas, ksampler_sigmas
-from kiln.nodes.guider import prepare_mask as guider_prepare_mask
 from kiln.nodes.registry import RunContext
 from kiln.nodes.sampling import common_ksampler
 from kiln.runtime.artifacts import CompiledStage, constant_fqns
@@ -31,7 +30,7 @@ from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import bind_inputs, run_plan
 from kiln.runtime.manifest import StageSpec
 from kiln.runtime.plan import PlanReader, load_plan
-from kiln.runtime.stages import StageContext, prepare_mask, run_stage
+from kiln.runtime.stages import StageContext, run_stage
 from kiln.runtime.writer import MEMBER_ALIGNMENT, PlanWriter
 
 CONTEXT_DIM, TOKENS = 8, 3
@@ -449,14 +448,6 @@ def test_sample_stage_matches_the_interpreter(case, artifacts):
     assert diff < 1e-5
     assert got.abs().max() > 0.1 and not torch.equal(got, samples)
     assert steps[-1] == ("s", len(sigmas) - 1, len(sigmas) - 1)
-
-
-def test_prepare_mask_matches_the_guider():
-    g = torch.Generator().manual_seed(3)
-    for mask, shape in ((torch.rand(1, 1, 48, 40, generator=g), (3, 4, 6, 5)),
-                        (torch.rand(40, 24, generator=g), (1, 4, 5, 3)),
-                        (torch.rand(4, 1, 16, 16, generator=g), (2, 4, 2, 2))):
-        assert torch.equal(prepare_mask(mask, torch.Size(shape)), guider_prepare_mask(mask, torch.Size(shape)))
 
 
 def test_cli_run_matches_interpreter_with_inputs_and_timings(plan, tmp_path, capsys):
