@@ -57,7 +57,7 @@ def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch
                     callback: StepCallback | None = None, model_options: dict | None = None) -> torch.Tensor:
     """Run ``sampler_name`` over ``sigmas`` from ``noise`` around ``latent_image`` (sampler space).
 
-    ``denoise_mask`` must already have the latent's shape (see ``kiln.nodes.guider.prepare_mask``).
+    ``denoise_mask`` must already have the latent's shape (see ``kiln.kernels.batching.prepare_mask``).
     ``seed`` is forwarded as ``extra_args["seed"]``; ancestral/SDE noise samplers seed from it.
     """
     inpaint_noise = noise
