@@ -24,6 +24,11 @@ from kiln.nodes.folders import ModelFolders
 
 Pass = Callable[[Compilation], Compilation]
 
+BACKENDS = ("aoti", "onnx")
+# The default per device type, by measurement (README, "Compiling plans"): on CPU onnxruntime
+# beat the AOTInductor build at every size measured; CUDA is not measured yet.
+DEFAULT_BACKENDS = {"cpu": "onnx", "cuda": "aoti"}
+
 
 def validate(c: Compilation) -> Compilation:
     """The workflow is well-formed: known node types, inputs present, converted and in range,
@@ -51,8 +56,10 @@ def run_passes(c: Compilation, passes: Iterable[Pass] = PASSES,
 def compile_workflow(workflow: str | Path | dict, *, models: str | Path | None = None,
                      extra_model_paths: str | Path | None = None, input_dir: str | Path | None = None,
                      inputs: Iterable[str] = (), device: str = "cpu", dtype: str = "fp32",
-                     backend: str = "aoti", output: str | Path, progress: bool = False) -> Path:
-    """Compile an API-format workflow into a plan file at ``output`` (written atomically)."""
+                     backend: str | None = None, output: str | Path, progress: bool = False) -> Path:
+    """Compile an API-format workflow into a plan file at ``output`` (written atomically);
+    ``backend`` "aoti" or "onnx", by default the one measured faster on the device."""
+    backend = backend or default_backend(device)
     _check_target(device, dtype, backend)
     graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     options = CompileOptions(models=ModelFolders.from_models_dir(models, extra_model_paths),
@@ -68,6 +75,10 @@ def compile_workflow(workflow: str | Path | dict, *, models: str | Path | None =
         return _attempt("lower", [p.__name__ for p in PASSES], lambda: _lower(c, Path(output), bar))
     finally:
         bar.close()
+
+
+def default_backend(device: str) -> str:
+    return DEFAULT_BACKENDS["cuda" if device.startswith("cuda") else "cpu"]
 
 
 def _lower(c: Compilation, output: Path, progress: "StageProgress") -> Path:
@@ -120,8 +131,8 @@ def _check_target(device: str, dtype: str, backend: str) -> None:
     import torch
 
     problems = []
-    if backend != "aoti":
-        problems.append(Problem("invalid_target", "unknown backend", expected="aoti", found=backend))
+    if backend not in BACKENDS:
+        problems.append(Problem("invalid_target", "unknown backend", expected=" or ".join(BACKENDS), found=backend))
     if device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(Problem("invalid_target", "a CUDA plan is compiled on a machine with a CUDA device",
                                 expected="--device cpu on this machine", found=device))

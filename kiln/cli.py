@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--input-dir", type=Path, help="where LoadImage finds its files (ComfyUI's input/)")
     compile_.add_argument("--device", default="cpu", help="the target: cpu or cuda[:N]")
     compile_.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    compile_.add_argument("--backend", choices=("aoti",), default="aoti")
+    compile_.add_argument("--backend", choices=("aoti", "onnx"),
+                          help="AOTInductor (.pt2) or ONNX (onnxruntime) artifacts; default: the faster one "
+                               "measured for the device (README, 'Compiling plans')")
     compile_.add_argument("--input", action="append", default=[], metavar="NODE.INPUT[=lo..hi]",
                           help="take this widget value at run time (sampler seeds always are)")
     compile_.add_argument("--quiet", action="store_true", help="no progress output")
@@ -102,7 +104,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--timings", action="store_true",
                    help="plans: print load time, time per stage and process-start-to-image time")
-    p.epilog = "A plan runs on the device and dtype it was compiled for; --models/--device/--dtype apply to workflows."
+    p.add_argument("--provider", choices=("tensorrt", "cuda", "cpu"),
+                   help="ONNX plans: force this onnxruntime execution provider (default: TensorRT, then CUDA, "
+                        "for a CUDA plan where available, else CPU)")
+    p.epilog = ("A plan runs on the device and dtype it was compiled for; --models/--device/--dtype apply to "
+                "workflows, --provider to ONNX plans.")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -147,7 +153,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from kiln.runtime.executor import run_plan, seed_values
     from kiln.runtime.plan import load_plan
 
-    plan = load_plan(args.workflow)
+    plan = load_plan(args.workflow, provider=args.provider)
     values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
     for item in args.set:
         parsed = _split_set(item)
@@ -164,7 +170,8 @@ def _run_plan(args: argparse.Namespace) -> int:
             bars.close()
     if args.timings:
         stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
-        print(f"load {plan.load_seconds:.2f}s; stages: {stages}; "
+        provider = f" ({plan.providers[0]})" if plan.providers else ""
+        print(f"load {plan.load_seconds:.2f}s{provider}; stages: {stages}; "
               f"total {sum(t.seconds for t in result.timings):.2f}s; "
               f"process start to image {_seconds_since_process_start():.2f}s", file=sys.stderr)
     for path in result.saved:

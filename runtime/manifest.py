@@ -1,7 +1,8 @@
 """The plan manifest: schema, format version, and the JSON (de)serialisation writer and reader share.
 
 A plan is a zip (docs/plans.md): ``manifest.json`` (this), ``weights.safetensors``,
-``constants.safetensors`` and one ``stages/<name>.pt2`` per compiled stage. Parsing checks
+``constants.safetensors`` and one ``stages/<name>.pt2`` (AOTInductor) or ``stages/<name>.onnx``
+per compiled stage. Parsing checks
 ``format`` and ``format_version`` before anything else, so a plan from another kiln says
 "version" rather than failing on whatever field changed.
 """
@@ -22,13 +23,14 @@ CONSTANTS_MEMBER = "constants.safetensors"
 
 STAGE_KINDS = ("sample", "module", "save_image", "empty_latent")
 COMPILED_KINDS = ("sample", "module")   # stages that carry an artifact
+ARTIFACT_SUFFIXES = {"aoti": ".pt2", "onnx": ".onnx"}   # target backend -> artifact member suffix
 INPUT_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 RUNTIME_INPUT_PREFIX = "in."
 CONSTANT_PREFIX = "const."
 
 
-def artifact_member(stage_name: str) -> str:
-    return f"stages/{stage_name}.pt2"
+def artifact_member(stage_name: str, backend: str = "aoti") -> str:
+    return f"stages/{stage_name}{ARTIFACT_SUFFIXES[backend]}"
 
 
 def input_env_name(input_name: str) -> str:
@@ -71,7 +73,7 @@ class StageSpec:
 class Manifest:
     kiln_version: str
     torch_version: str
-    target: dict                 # {"device": "cpu", "dtype": "fp32", "backend": "aoti"}
+    target: dict                 # {"device": "cpu", "dtype": "fp32", "backend": "aoti"} (+ "onnx_opset")
     workflow: dict
     inputs: list[InputSpec]
     stages: list[StageSpec]

@@ -4,6 +4,8 @@
 has the wrong format version, was built by another torch, targets a device this machine lacks,
 misses a member or has a member whose sha256 differs from the manifest, and says which.
 Weights and constants are memory-mapped straight out of the (uncompressed, aligned) zip.
+ONNX plans (``target.backend == "onnx"``) run with onnxruntime (kiln.runtime.ort); their
+artifacts do not depend on torch, so only AOTInductor plans must match the torch version.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import mmap
 import struct
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
 from kiln.runtime.errors import PlanError
-from kiln.runtime.manifest import CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest, parse_manifest
+from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
+from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest,
+                                   parse_manifest)
 from kiln.runtime.stages import check_dataflow
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -58,15 +62,18 @@ class PlanReader:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # writable: torch.frombuffer wants it
 
     def check_compatible(self) -> None:
-        """torch version, backend and target device against this process."""
+        """Backend, torch version (AOTInductor) and target device against this process."""
         m = self.manifest
+        if m.target["backend"] not in ARTIFACT_SUFFIXES:
+            raise PlanError("invalid_plan", "the plan uses a backend this runtime cannot run",
+                            expected=" or ".join(ARTIFACT_SUFFIXES), found=repr(m.target["backend"]))
+        if m.target["backend"] == "onnx":
+            self._check_onnx()
+            return
         if _release(m.torch_version) != _release(torch.__version__):
             raise PlanError("plan_version_mismatch", "the plan was compiled with another torch version",
                             expected=f"torch {m.torch_version}", found=f"torch {torch.__version__}",
                             hint="(recompile the plan with this torch)")
-        if m.target["backend"] != "aoti":
-            raise PlanError("invalid_plan", "the plan uses a backend this runtime cannot run",
-                            expected="aoti", found=repr(m.target["backend"]))
         device = torch.device(m.target["device"])
         if device.type == "cuda":
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -78,6 +85,14 @@ class PlanReader:
         elif device.type != "cpu":
             raise PlanError("plan_device_unavailable", "the plan targets a device this runtime does not support",
                             expected="cpu or cuda", found=repr(m.target["device"]))
+
+    def _check_onnx(self) -> None:
+        """onnxruntime present; a CUDA plan without a GPU here falls back to the CPU provider."""
+        onnxruntime()
+        device = self.manifest.target["device"]
+        if device != "cpu" and not device.startswith("cuda"):
+            raise PlanError("plan_device_unavailable", "the plan targets a device this runtime does not support",
+                            expected="cpu or cuda", found=repr(device))
 
     def verify_members(self) -> None:
         """Every listed member present, stored, and matching its sha256; nothing unlisted."""
@@ -151,13 +166,18 @@ class LoadedPlan:
     manifest: Manifest
     device: torch.device
     constants: dict[str, torch.Tensor]
-    compiled: dict[str, CompiledStage]
+    compiled: dict[str, CompiledStage | OnnxStage]
     member_sizes: dict[str, int]
     load_seconds: float
+    providers: list[str] = field(default_factory=list)   # ONNX plans: onnxruntime's, best first
 
 
-def load_plan(path: str | Path) -> LoadedPlan:
-    """Verify (format, versions, device, member hashes), then map weights and load the artifacts."""
+def load_plan(path: str | Path, provider: str | None = None) -> LoadedPlan:
+    """Verify (format, versions, device, member hashes), then map weights and load the artifacts.
+
+    ``provider`` forces an onnxruntime execution provider for an ONNX plan (``cuda``,
+    ``TensorrtExecutionProvider``, ...): PlanError when it is not available, never a fallback.
+    """
     start = time.perf_counter()
     reader = PlanReader(path)
     reader.check_compatible()
@@ -165,9 +185,11 @@ def load_plan(path: str | Path) -> LoadedPlan:
     manifest = reader.manifest
     constants = reader.tensors(CONSTANTS_MEMBER)
     check_dataflow(manifest, constants)
-    device = torch.device(manifest.target["device"])
+    onnx = manifest.target["backend"] == "onnx"
+    providers = _providers(manifest, provider)
+    device = provider_device(providers, manifest.target["device"]) if onnx else torch.device(manifest.target["device"])
     weights = reader.tensors(WEIGHTS_MEMBER)
-    if device.type != "cpu":
+    if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
     compiled, loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
     for stage in manifest.stages:
@@ -179,12 +201,27 @@ def load_plan(path: str | Path) -> LoadedPlan:
                             found=", ".join(absent[:8]))
         key = (stage.artifact, tuple(sorted(stage.constant_names.items())))
         if key not in loaded:
-            artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact])
-            loaded[key] = CompiledStage(artifact, {fqn: weights[k] for fqn, k in stage.constant_names.items()},
-                                        device, stage.describe())
+            stage_weights = {fqn: weights[k] for fqn, k in stage.constant_names.items()}
+            if onnx:
+                loaded[key] = OnnxStage(bytes(reader.member(stage.artifact)), stage_weights, providers, device,
+                                        stage.describe())
+            else:
+                artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact])
+                loaded[key] = CompiledStage(artifact, stage_weights, device, stage.describe())
         compiled[stage.name] = loaded[key]
     sizes = {name: info.file_size for name, info in reader.entries.items()}
-    return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start)
+    return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
+                      providers)
+
+
+def _providers(manifest: Manifest, forced: str | None) -> list[str]:
+    """onnxruntime's execution providers for an ONNX plan; [] for an AOTInductor plan."""
+    if manifest.target["backend"] == "onnx":
+        return choose_providers(manifest.target["device"], forced, onnxruntime().get_available_providers())
+    if forced is not None:
+        raise PlanError("invalid_input", "--provider applies to ONNX plans only", input_name="provider",
+                        expected="a plan compiled with --backend onnx", found=f"a {manifest.target['backend']} plan")
+    return []
 
 
 def describe_plan(path: str | Path) -> str:
@@ -197,7 +234,8 @@ def describe_plan(path: str | Path) -> str:
     m = reader.manifest
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     lines = [f"plan {reader.path}: {m.format} v{m.format_version}, kiln {m.kiln_version}, torch {m.torch_version}",
-             f"target: {m.target['device']} {m.target['dtype']} ({m.target['backend']})"]
+             f"target: {m.target['device']} {m.target['dtype']} ({m.target['backend']}"
+             + (f", opset {m.target['onnx_opset']})" if "onnx_opset" in m.target else ")")]
     try:
         reader.check_compatible()
     except PlanError as problem:

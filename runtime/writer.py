@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -39,7 +39,7 @@ class PlanWriter:
 
     Typical use by lowering::
 
-        writer = PlanWriter("hires.plan")
+        writer = PlanWriter("hires.plan")     # PlanWriter(path, backend="onnx") for .onnx artifacts
         for stage in program.stages:          # compiled ones
             writer.add_artifact(stage.name, pt2_path, stage.module.state_dict())
         writer.add_constants(program.constants)
@@ -47,9 +47,10 @@ class PlanWriter:
                       "folded": [...], "dropped_models": [...]})
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, backend: str = "aoti"):
         self.path = Path(path)
-        self._artifacts: dict[str, bytes] = {}               # stage -> .pt2 bytes
+        self.backend = backend
+        self._artifacts: dict[str, bytes] = {}               # stage -> artifact bytes
         self._members: dict[str, str] = {}                   # stage -> artifact member (shared if identical)
         self._constant_names: dict[str, dict[str, str]] = {}  # stage -> FQN -> weights key
         self._weights: dict[str, torch.Tensor] = {}          # weights key -> tensor
@@ -57,21 +58,23 @@ class PlanWriter:
         self._constants: dict[str, torch.Tensor] = {}
 
     def add_artifact(self, stage_name: str, artifact: bytes | str | os.PathLike,
-                     weights: Mapping[str, torch.Tensor], device: str = "cpu") -> dict[str, str]:
-        """Store the stage's ``.pt2`` and the weights it was compiled without.
+                     weights: Mapping[str, torch.Tensor], device: str = "cpu",
+                     constant_names: Iterable[str] | None = None) -> dict[str, str]:
+        """Store the stage's artifact and the weights it was compiled without.
 
         ``weights`` maps constant FQNs to tensors and may hold more than the artifact needs (a
-        whole state dict): only the FQNs the package asks for are kept. Returns the stage's
-        ``constant_names`` (FQN -> weights key). ``device`` is where the package can be opened
-        to list its constants (the compile target).
+        whole state dict): only the FQNs the artifact asks for are kept, ``constant_names``
+        when given (ONNX: its initializers), else what the ``.pt2`` package lists when opened on
+        ``device`` (the compile target). Returns the stage's ``constant_names`` (FQN -> weights key).
         """
         data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
-        fqns = constant_fqns(cached_artifact(data, sha256_of(data)), device)
+        fqns = (list(constant_names) if constant_names is not None
+                else constant_fqns(cached_artifact(data, sha256_of(data)), device))
         missing = [fqn for fqn in fqns if fqn not in weights]
         if missing:
             raise ValueError(f"stage {stage_name}: the artifact needs weights that were not given: {missing[:8]}")
         same = next((stage for stage, blob in self._artifacts.items() if blob == data), None)
-        self._members[stage_name] = self._members[same] if same is not None else artifact_member(stage_name)
+        self._members[stage_name] = self._members[same] if same is not None else artifact_member(stage_name, self.backend)
         self._artifacts[stage_name] = data
         names = {fqn: self._add_weight(stage_name, fqn, weights[fqn]) for fqn in fqns}
         self._constant_names[stage_name] = names
@@ -88,6 +91,9 @@ class PlanWriter:
         ``manifest`` holds target, workflow, inputs, stages (dicts per docs/plans.md, without
         ``artifact``/``constant_names``), folded and dropped_models.
         """
+        if manifest["target"]["backend"] != self.backend:
+            raise ValueError(f"the manifest's backend {manifest['target']['backend']!r} is not the writer's "
+                             f"{self.backend!r}")
         data = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
                 "kiln_version": metadata.version("kiln"), "torch_version": torch.__version__,
                 "stages": [self._stage_entry(dict(stage)) for stage in manifest["stages"]]}

@@ -59,7 +59,7 @@ def test_compile_runs_the_passes_and_hands_the_program_to_lowering(models_dir, t
     workflow = hires_fix()
     plan = tmp_path / "hires.plan"
     rc = main(["compile", str(write(tmp_path, workflow)), "-o", str(plan), "--models", str(models_dir),
-               "--input", "6.text", "--input", "5.width=64..256"])
+               "--input", "6.text", "--input", "5.width=64..256", "--backend", "aoti"])
     out, err = capsys.readouterr()
     assert rc == 0 and out.strip() == str(plan) and plan.read_bytes() == b"plan"
     program = fake_lowering["program"]

@@ -1,0 +1,286 @@
+"""Compiled plans (AOTInductor and ONNX backends) vs the eager interpreter on CPU: warm per-image
+latency, time to first image in a fresh process and its peak memory, compile time and plan size.
+Each engine runs in a child process of its own (a full-size interpreter and two plans do not fit
+in one process's memory next to each other), children interleaved round by round (interpreter,
+aoti, onnx, interpreter, ...) so machine load hits all alike; ratios are engine / interpreter
+(lower is better).
+
+Configurations: the tiny fixtures (txt2img 64², the HiRes-fix demo) and a full-size
+SD1.5-architecture checkpoint with random weights (txt2img at 64² and 256²). Compile time per
+stage (export + AOTInductor or ONNX export, or a cache hit) is recorded too; the compile cache
+is a private folder under ``--workdir`` unless ``--shared-cache``.
+
+Usage: ``python benchmarks/bench_plan.py [--configs tiny-t2i-64,sd15-t2i-256] [--backends aoti,onnx]
+[--reps 3] [--warm-runs 2] [--steps 8]``.
+Writes ``benchmarks/results/bench_plan.json`` and ``bench_plan.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+FULL_CKPT = "sd15-arch-random.safetensors"
+
+
+def txt2img(ckpt: str, size: int, steps: int) -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in the snow", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 7, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+def configs(steps: int) -> dict[str, dict]:
+    from kiln.demo import example_workflow
+
+    return {"tiny-t2i-64": txt2img("tiny-sd15.safetensors", 64, steps),
+            "tiny-hires-128-256": example_workflow(),
+            "sd15-t2i-64": txt2img(FULL_CKPT, 64, steps),
+            "sd15-t2i-256": txt2img(FULL_CKPT, 256, steps)}
+
+
+def write_models(models: Path, full: bool) -> None:
+    from kiln.demo import write_demo_models
+    from kiln.nodes.models.synthetic import write_checkpoint
+
+    write_demo_models(models)
+    path = models / "checkpoints" / FULL_CKPT
+    if full and not path.exists():
+        write_checkpoint(path, "sd1", size="full", seed=0)
+
+
+def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backend: str) -> list[dict]:
+    """Compile, timing each stage's export + build; a stage that added no cache file was a hit."""
+    from kiln.compiler.lower.lower import lower
+    from kiln.compiler.pipeline import run_passes
+    from kiln.compiler.stages import Compilation, CompileOptions
+    from kiln.compiler.workflow import parse_workflow
+    from kiln.nodes.folders import ModelFolders
+
+    options = CompileOptions(models=ModelFolders.from_models_dir(models), backend=backend)
+    start = time.perf_counter()
+    program = run_passes(Compilation(parse_workflow(workflow), options)).program()
+    stages = [{"stage": "passes (validate, fold, ...)", "seconds": time.perf_counter() - start, "cached": None}]
+    compiled = lambda: set(os.listdir(cache / "compiled")) if (cache / "compiled").is_dir() else set()  # noqa: E731
+    state = {"name": None, "start": 0.0, "files": compiled()}
+
+    def progress(name: str, index: int, total: int) -> None:
+        now = time.perf_counter()
+        if state["name"] is not None:
+            files = compiled()
+            stages.append({"stage": state["name"], "seconds": now - state["start"],
+                           "cached": files == state["files"]})
+            state["files"] = files
+        state.update(name=name, start=now)
+
+    lower(program, output, progress)
+    stages.append({"stage": "write plan", "seconds": time.perf_counter() - state["start"], "cached": None})
+    return stages
+
+
+class Interpreter:
+    """The eager interpreter with its models kept loaded between runs (warm)."""
+
+    def __init__(self, workflow: dict, models: Path, output: Path):
+        from kiln.compiler.validate import validate
+        from kiln.compiler.workflow import parse_workflow
+        from kiln.nodes.folders import ModelFolders
+        from kiln.nodes.registry import RunContext
+
+        folders = ModelFolders.from_models_dir(models)
+        self.graph = validate(parse_workflow(workflow), folders, None)
+        self.ctx = RunContext(models=folders, output_dir=str(output), prompt=workflow)
+        output.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self) -> str:
+        from kiln.compiler.interpreter import run_graph
+
+        self.ctx.cache.pop("saved_images", None)
+        return run_graph(self.graph, self.ctx).saved[-1]
+
+
+class Plan:
+    def __init__(self, path: Path, output: Path):
+        from kiln.runtime.plan import load_plan
+
+        self.plan = load_plan(path)
+        self.output = output
+
+    def __call__(self) -> str:
+        from kiln.runtime.executor import run_plan
+
+        return run_plan(self.plan, {}, output_dir=self.output).saved[-1]
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def psnr(path_a: str, path_b: str) -> tuple[float, int]:
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(path_a), dtype=np.float64)
+    b = np.asarray(Image.open(path_b), dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return (float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)), int(np.abs(a - b).max())
+
+
+def child(spec: dict) -> None:
+    """In a fresh process: load one engine, make the first image (announced on stdout the moment it
+    is written), then ``warm_runs`` more; report their times and the process's peak RSS (VmHWM:
+    getrusage's maxrss would also count the pages of the parent this process was forked from)."""
+    output = Path(spec["output"])
+    if spec["engine"] == "interpreter":
+        run = Interpreter(json.loads(Path(spec["source"]).read_text()), Path(spec["models"]), output)
+    else:
+        run = Plan(Path(spec["source"]), output)
+    print("first", run(), flush=True)
+    warm = [timed(run)[0] for _ in range(spec["warm_runs"])]
+    peak_kib = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+    print("done", json.dumps({"warm": warm, "peak_rss_mib": peak_kib / 1024}), flush=True)
+
+
+def run_child(spec: dict, env: dict) -> dict:
+    """``child(spec)`` in a new interpreter; adds ``first_s``, the wall time from spawning it to its
+    first image, and ``image``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    result = {}
+    for line in proc.stdout:
+        tag, _, rest = line.rstrip("\n").partition(" ")
+        if tag == "first":
+            result.update(first_s=time.perf_counter() - start, image=rest)
+        elif tag == "done":
+            result.update(json.loads(rest))
+    if proc.wait() != 0 or "warm" not in result:
+        raise RuntimeError(f"benchmark child {spec['engine']} failed (status {proc.returncode})")
+    return result
+
+
+def bench(name: str, workflow: dict, work: Path, cache: Path, reps: int, warm_runs: int,
+          backends: list[str]) -> list[dict]:
+    """One row for the interpreter and one per backend; ``reps`` rounds of one child per engine."""
+    models = work / "models"
+    wf_path = work / f"{name}.json"
+    wf_path.write_text(json.dumps(workflow))
+    sources = {"interpreter": wf_path}
+    compiles = {}
+    for backend in backends:
+        sources[backend] = work / f"{name}.{backend}.plan"
+        compiles[backend] = compile_plan(workflow, models, sources[backend], cache, backend)
+    env = {**os.environ, "KILN_CACHE_DIR": str(cache)}
+    runs: dict[str, list[dict]] = {engine: [] for engine in sources}
+    for _ in range(reps):
+        for engine, source in sources.items():
+            spec = {"engine": engine, "source": str(source), "models": str(models), "warm_runs": warm_runs,
+                    "output": str(work / "out" / name / engine)}
+            runs[engine].append(run_child(spec, env))
+
+    rows = []
+    for engine, results in runs.items():
+        warm = [t for r in results for t in r["warm"]]
+        first = [r["first_s"] for r in results]
+        row = {"config": name, "engine": engine, "warm_s": statistics.median(warm), "fresh_s": statistics.median(first),
+               "peak_rss_mib": max(r["peak_rss_mib"] for r in results), "samples": {"warm": warm, "fresh": first}}
+        if engine in compiles:
+            row.update(compile_s=sum(s["seconds"] for s in compiles[engine]), compile=compiles[engine],
+                       plan_mib=sources[engine].stat().st_size / 2 ** 20,
+                       **dict(zip(("psnr_db", "max_pixel_diff"),
+                                  psnr(runs["interpreter"][0]["image"], results[0]["image"]))))
+        rows.append(row)
+    for row in rows:
+        row["warm_ratio"] = row["warm_s"] / rows[0]["warm_s"]
+        row["fresh_ratio"] = row["fresh_s"] / rows[0]["fresh_s"]
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# kiln plans vs interpreter ({meta['device']}, {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
+             f"{meta['threads']} threads, {meta['steps']} steps euler)", "",
+             f"Medians over {meta['reps']} fresh processes per engine, {meta['warm_runs']} warm runs each after the "
+             "first image. Ratios are engine / interpreter (lower is better); fresh = spawning the process to its "
+             "first image written; peak RSS of those processes; compile = passes + export + build of every stage "
+             "(cache hits included).", "",
+             "| config | engine | warm s | warm ratio | fresh s | fresh ratio | peak RSS MiB | compile s | plan MiB "
+             "| PSNR dB | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["config"], r["engine"], f"{r['warm_s']:.3f}", f"{r['warm_ratio']:.2f}", f"{r['fresh_s']:.2f}",
+                 f"{r['fresh_ratio']:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        cells += ["", "", "", ""] if r["engine"] == "interpreter" else [
+            f"{r['compile_s']:.1f}", f"{r['plan_mib']:.1f}", f"{r['psnr_db']:.1f}", str(r["max_pixel_diff"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Compile per stage (export + AOTInductor or ONNX export; cached = artifact reused from an "
+              "earlier stage or plan):", "", "| config | backend | stage | seconds | cached |", "|---|---|---|---|---|"]
+    for r in rows:
+        for s in r.get("compile", []):
+            cached = "" if s["cached"] is None else ("yes" if s["cached"] else "no")
+            lines.append(f"| {r['config']} | {r['engine']} | {s['stage']} | {s['seconds']:.1f} | {cached} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny-t2i-64,tiny-hires-128-256,sd15-t2i-64,sd15-t2i-256")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-bench"))
+    parser.add_argument("--shared-cache", action="store_true", help="use the normal kiln cache (compiles reused)")
+    parser.add_argument("--backends", default="aoti,onnx", help="plan backends to compile and compare")
+    parser.add_argument("--warm-runs", type=int, default=2, help="warm runs per engine process, after its first")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    import onnxruntime
+    import torch
+
+    all_configs = configs(args.steps)
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in all_configs]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {', '.join(all_configs)}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if not args.shared_cache:
+        os.environ["KILN_CACHE_DIR"] = str(args.workdir / "cache")
+    from kiln.runtime.artifacts import cache_dir
+
+    write_models(args.workdir / "models", full=any(n.startswith("sd15") for n in names))
+    rows = []
+    for name in names:
+        print(f"bench {name} ...", file=sys.stderr, flush=True)
+        for row in bench(name, all_configs[name], args.workdir, cache_dir(), args.reps, args.warm_runs,
+                         args.backends.split(",")):
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("compile", "samples")}), file=sys.stderr)
+    meta = {"device": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+            "reps": args.reps, "warm_runs": args.warm_runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_plan.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (RESULTS / "bench_plan.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

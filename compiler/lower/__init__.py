@@ -1,0 +1,1 @@
+"""Lowering: stage modules (denoiser, fused chains), torch.export + AOTInductor, the plan file."""

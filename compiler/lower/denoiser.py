@@ -1,0 +1,129 @@
+"""The sample stage's module: one CFG denoiser evaluation, exported and compiled as a whole.
+
+It computes what ``kiln.nodes.guider.Guider`` computes for one full-area positive and one
+full-area negative entry -- ComfyUI's ``calc_cond_batch`` + ``cfg_function`` -- with the
+same float operations in the same order: ``calculate_input``, the nearest-timestep lookup,
+one UNet call on the CFG batch ``[uncond, cond]``, ``calculate_denoised``, then
+``uncond + (cond - uncond) * cfg``. (The guider's mask-weighted average reduces to the
+prediction itself for full-area entries: ``0 + o*1`` divided by ``1 + 1e-37 == 1``.)
+The sampler loop stays outside, in the runtime, so step math is the interpreter's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from kiln.compiler.errors import KilnError, Problem
+
+# diffusers' UNet passes the skip connection's size to its upsamplers only when the input is
+# not a multiple of 2**num_upsamplers; that test is a guard torch.export cannot keep dynamic.
+# A factor no latent reaches makes every upsampler take the size explicitly, which resizes to
+# exactly 2x for even sizes (bit-identical to scale_factor=2) and handles odd sizes as ComfyUI does.
+_ALWAYS_EXPLICIT_UPSAMPLE = 40
+
+# Conditioning options that make the guider do more than one full-area prediction, with the
+# value that means "off" (None: any value is refused).
+_NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "concat_mask": None,
+                    "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
+
+
+class Denoiser(nn.Module):
+    """``forward(x, sigma, cond_context, uncond_context, cfg[, cond_y, uncond_y])`` ->
+    ``(denoised, uncond_denoised)``; with ``cfg == 1`` at build time only the positive side runs
+    and ``uncond_denoised`` is zeros (ComfyUI's cfg1 shortcut)."""
+
+    def __init__(self, model, cfg: float | None):
+        super().__init__()
+        unet = copy.copy(model.unet)          # shares every parameter; only the attribute differs
+        unet.num_upsamplers = _ALWAYS_EXPLICIT_UPSAMPLE
+        self.unet = unet
+        ms = model.model_sampling
+        self.register_buffer("log_sigmas", ms.log_sigmas.clone())
+        self.prediction = ms.prediction
+        self.sigma_data = float(ms.sigma_data)
+        self.skip_uncond = cfg is not None and math.isclose(cfg, 1.0)
+        self.with_y = model.arch == "sdxl"
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond_context: torch.Tensor,
+                uncond_context: torch.Tensor, cfg: torch.Tensor, cond_y: torch.Tensor | None = None,
+                uncond_y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        if self.skip_uncond:
+            contexts, ys, sides = [cond_context], [cond_y], 1
+        else:
+            contexts, ys, sides = [uncond_context, cond_context], [uncond_y, cond_y], 2
+        contexts = [c.expand(batch, -1, -1) for c in contexts]
+        ys = [v.expand(batch, -1) for v in ys] if self.with_y else [None] * sides
+        lengths = [c.shape[1] for c in contexts]
+        if sides == 2 and all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
+            # Prompts of different chunk counts (lengths known at compile time): ComfyUI repeats
+            # both to their LCM when that is at most 4x the shorter, else runs them separately.
+            lcm = math.lcm(*lengths)
+            if lcm // min(lengths) > 4:
+                out = torch.cat([self._apply_model(x, sigma, c, y) for c, y in zip(contexts, ys)])
+                return self._combine(out, batch, cfg)
+            contexts = [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
+        out = self._apply_model(torch.cat([x] * sides), torch.cat([sigma] * sides), torch.cat(contexts),
+                                torch.cat(ys) if self.with_y else None)
+        return self._combine(out, batch, cfg)
+
+    def _combine(self, out: torch.Tensor, batch: int, cfg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.skip_uncond:
+            return out, torch.zeros_like(out)
+        uncond, cond = out[:batch], out[batch:]
+        return uncond + (cond - uncond) * cfg, uncond
+
+    def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                     y: torch.Tensor | None) -> torch.Tensor:
+        """``DiffusionModel.apply_model`` (sigma as [N,1,1,1]; for N == 1 ComfyUI broadcasts a
+        scalar view, the same numbers)."""
+        s = sigma.reshape(-1, 1, 1, 1)
+        sd2 = self.sigma_data ** 2
+        dtype = self.unet.dtype
+        xc = (x / (s ** 2 + sd2) ** 0.5).to(dtype)
+        t = (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0).float()
+        eps = self.unet(xc, t, encoder_hidden_states=context.to(dtype),
+                        class_labels=None if y is None else y.to(dtype), return_dict=False)[0].float()
+        if self.prediction == "eps":
+            return x - eps * s
+        return x * sd2 / (s ** 2 + sd2) - eps * s * self.sigma_data / (s ** 2 + sd2) ** 0.5
+
+
+def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] | None = None,
+                   negative: list[dict] | None = None) -> Denoiser:
+    """The denoiser module for ``model`` (a ``DiffusionModel``) at guidance ``cfg`` (None: a
+    runtime value, so both sides always run).
+
+    ``positive``/``negative`` are the conditioning entries' compile-time options (one dict per
+    entry, as ``stages.flatten`` returns them); anything but one full-area entry per side, and
+    inpainting UNets (their extra input channels come from per-run masks), are refused naming
+    ``node`` (the sampler).
+    """
+    problems = []
+
+    def refuse(message: str, input_name: str | None = None, **kw) -> None:
+        problems.append(Problem("unsupported_in_plan", message, node_id=getattr(node, "id", None),
+                                class_type=getattr(node, "class_type", None), title=getattr(node, "title", None),
+                                input_name=input_name, **kw))
+
+    if model.in_channels != model.latent_format.channels:
+        refuse("inpainting UNets are not supported in compiled plans; run the workflow with the "
+               "interpreter", input_name="model", found=f"a UNet with {model.in_channels} input channels")
+    for side, entries in (("positive", positive), ("negative", negative)):
+        if entries is None:
+            continue
+        if len(entries) != 1:
+            refuse("compiled plans take exactly one conditioning entry per side", input_name=side,
+                   expected="1 entry (no ConditioningCombine)", found=f"{len(entries)} entries")
+            continue
+        used = sorted(k for k, neutral in _NEUTRAL_OPTIONS.items()
+                      if entries[0].get(k, neutral) is not None and entries[0].get(k, neutral) != neutral)
+        if used:
+            refuse("compiled plans take full-area conditioning only", input_name=side,
+                   expected="no area, mask, strength or timestep range", found=", ".join(used))
+    if problems:
+        raise KilnError(problems)
+    return Denoiser(model, cfg).eval()

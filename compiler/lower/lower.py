@@ -1,0 +1,240 @@
+"""Lowering: a StagedProgram -> one plan file (export, AOTInductor or ONNX, weights once, manifest).
+
+Example inputs for each stage come from a shape walk over the program: constants are real,
+empty latents and sampler outputs are zeros of the right shape, module stages run on fake
+tensors. Walking at the declared inputs' minimum and maximum tells which stage dims the
+runtime inputs drive and over what range (those must stay dynamic). Batch and spatial dims
+are made dynamic even when nothing drives them, so stages that differ only in size (the
+denoiser of txt2img and of HiRes fix) compile to one cached artifact; a stage that cannot be
+exported that way is exported again with only the driven dims dynamic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch._dynamo.exc import UserError
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from kiln.compiler.errors import KilnError, Problem
+from kiln.compiler.lower.cache import compiled_artifact
+from kiln.compiler.lower.chains import NeedsStaticShapes, pack_tokens
+from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
+                                        export_module)
+from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
+from kiln.compiler.stages import RuntimeInput, Stage, StagedProgram
+from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
+from kiln.runtime.writer import PlanWriter
+
+Progress = Callable[[str, int, int], None]
+
+# Ranges offered for dims no runtime input drives (export narrows them to what the code takes).
+BATCH_RANGE = (1, 64)
+LATENT_RANGE = (1, 1024)
+PIXEL_RANGE = (1, 8192)
+# A runtime prompt: 77-token chunks (ComfyUI concatenates them on the token axis).
+CHUNK_RANGE = (1, 32)
+TOKENS_PER_CHUNK = 77
+COMPILED_KINDS = ("sample", "module")
+
+
+def lower(program: StagedProgram, output: Path, progress: Progress | None = None) -> Path:
+    """Export and compile every sample/module stage for the target's backend (AOTInductor, or
+    ONNX with the opset recorded in the target), then write the plan to ``output``."""
+    walks = _Walks(program)
+    onnx = program.target["backend"] == "onnx"
+    target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
+    writer = PlanWriter(output, backend=target["backend"])
+    compiled = [s for s in program.stages if s.kind in COMPILED_KINDS]
+    for index, stage in enumerate(compiled):
+        if progress is not None:
+            progress(stage.name, index, len(compiled))
+        ep = _export(stage, walks)
+        data, _ = compiled_artifact(ep, target, onnx_compile if onnx else aoti_compile)
+        writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
+                            constant_names=initializer_names(data) if onnx else None)
+        del ep
+    if progress is not None:
+        progress("plan", len(compiled), len(compiled))
+    writer.add_constants(program.constants)
+    return writer.write({
+        "target": target, "workflow": program.workflow,
+        "inputs": [dataclasses.asdict(i) for i in program.inputs],
+        "stages": [{"name": s.name, "kind": s.kind, "node_ids": list(s.node_ids), "inputs": dict(s.inputs),
+                    "outputs": dict(s.outputs), "params": _params(s, program)} for s in program.stages],
+        "folded": list(program.folded), "dropped_models": list(program.dropped_models)})
+
+
+def _params(stage: Stage, program: StagedProgram) -> dict:
+    """The stage's params; a sampler fed a runtime prompt also gets ``context_lcm``: the runtime
+    must repeat both prompts' embeddings to their common multiple length (ComfyUI's
+    ``CONDCrossAttn.concat``) before calling the denoiser, which takes them at equal length."""
+    params = dict(stage.params)
+    if stage.kind == "sample" and not _constant_contexts(stage, program.constants):
+        params["context_lcm"] = True
+    return params
+
+
+def _constant_contexts(stage: Stage, constants: dict) -> bool:
+    return all(stage.inputs[k] in constants for k in ("cond_context", "uncond_context"))
+
+
+# --- the shape walk ------------------------------------------------------------------------
+class _Walks:
+    """Example environments of the program at several settings of its size inputs.
+
+    ``fixed``: defaults, a runtime batch size raised to 2 where its range allows (dynamic dims
+    need examples >= 2): the examples of a stage exported with only driven dims dynamic;
+    ``example``: the same with every batch at least 2; ``low``/``high``: size inputs at their
+    minimum / maximum.
+    """
+
+    def __init__(self, program: StagedProgram):
+        self.program = program
+        self.device = torch.device(program.target["device"])
+        empties = [s for s in program.stages if s.kind == "empty_latent"]
+        batches = {s.inputs["batch_size"] for s in empties if "batch_size" in s.inputs}
+        sizes = {env for s in empties for env in s.inputs.values()}
+        self.size_inputs = [i for i in program.inputs if i.env in sizes]
+        self.text_inputs = {i.env for i in program.inputs if i.type == "STRING"}
+        fixed = {i.env: max(i.default, min(2, i.max)) if i.env in batches else i.default for i in self.size_inputs}
+        self.example = self._walk(fixed, raise_batch=True)
+        self.fixed = self._walk(fixed, raise_batch=False)
+        self.low = self._walk({i.env: i.min for i in self.size_inputs}, raise_batch=False)
+        self.high = self._walk({i.env: i.max for i in self.size_inputs}, raise_batch=False)
+
+    def driven(self, name: str) -> dict[int, tuple[int, int]]:
+        """Dims of env value ``name`` that the size inputs change, with their (min, max)."""
+        shapes = [w[name].shape for w in (self.low, self.high, self.fixed)]
+        return {d: (min(s[d] for s in shapes), max(s[d] for s in shapes))
+                for d in range(len(shapes[0])) if len({s[d] for s in shapes}) > 1}
+
+    def _walk(self, sizes: dict[str, int], *, raise_batch: bool) -> dict[str, torch.Tensor]:
+        env = {name: t.to(self.device) for name, t in self.program.constants.items()}
+        env.update({i.env: _input_tensor(i, sizes.get(i.env, i.default)) for i in self.program.inputs
+                    if i.type in ("INT", "FLOAT", "BOOLEAN")})
+        # Two chunks, so the chunk count can stay dynamic.
+        empty_chunk = [(BOS_TOKEN, 1.0)] + [(EOS_TOKEN, 1.0)] * (TOKENS_PER_CHUNK - 1)
+        env.update({name: pack_tokens([empty_chunk] * 2) for name in self.text_inputs})
+        for stage in self.program.stages:
+            if stage.kind == "empty_latent":
+                value = {k: int(env[v]) if v in env else None for k, v in stage.inputs.items()}
+                setting = lambda k: value[k] if value.get(k) is not None else stage.params[k]  # noqa: E731
+                batch = max(2, setting("batch_size")) if raise_batch else setting("batch_size")
+                shape = [batch, stage.params["channels"], setting("height") // 8, setting("width") // 8]
+                env[stage.outputs["samples"]] = torch.zeros(shape, device=self.device)
+            elif stage.kind == "sample":
+                latent = env[stage.inputs["latent"]]
+                shape = [max(2, latent.shape[0]) if raise_batch else latent.shape[0], *latent.shape[1:]]
+                env[stage.outputs["samples"]] = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            elif stage.kind == "module":
+                outs = _fake_run(stage.module, [env[name] for name in stage.inputs.values()])
+                env.update({name: torch.zeros(o.shape, dtype=o.dtype, device=self.device)
+                            for name, o in zip(stage.outputs.values(), outs)})
+        return env
+
+
+def _input_tensor(i: RuntimeInput, value) -> torch.Tensor:
+    if i.type == "INT":
+        return torch.tensor(int(value), dtype=torch.int64)
+    if i.type == "BOOLEAN":
+        return torch.tensor(bool(value))
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _fake_run(module: torch.nn.Module, args: list[torch.Tensor]) -> tuple:
+    """Output shapes/dtypes without computing anything (also runs each op's size checks)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        return tuple(module(*[mode.from_tensor(a) for a in args]))
+
+
+# --- per-stage arguments and export --------------------------------------------------------
+def _free_dims(name: str, tensor: torch.Tensor, walks: _Walks) -> dict[int, tuple[int, int]]:
+    """Batch and spatial dims of a LATENT (NCHW) or IMAGE/MASK (N,H,W[,C]) value, chunks of a prompt."""
+    if name in walks.text_inputs:
+        return {0: CHUNK_RANGE}
+    if name.endswith(".samples") and tensor.ndim == 4:
+        return {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
+    if name.endswith(".value") and tensor.ndim in (3, 4) and tensor.is_floating_point():
+        return {0: BATCH_RANGE, 1: PIXEL_RANGE, 2: PIXEL_RANGE}
+    return {}
+
+
+def _required(name: str, walks: _Walks) -> dict[int, tuple[int, int]]:
+    """Dims that must stay dynamic: those the size inputs drive, a runtime prompt's chunk count."""
+    return {0: CHUNK_RANGE} if name in walks.text_inputs else walks.driven(name)
+
+
+def _arg(example: torch.Tensor, free: dict[int, tuple[int, int]], required: dict[int, tuple[int, int]],
+         opportunistic: bool) -> ArgSpec:
+    dims = dict(required)
+    if opportunistic:
+        for d, (lo, hi) in free.items():
+            if d not in dims and example.shape[d] >= 2:
+                dims[d] = (lo, hi)
+            elif d in dims:
+                dims[d] = (min(lo, dims[d][0]), max(hi, dims[d][1]))
+    return ArgSpec(example, dims, required)
+
+
+def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[ArgSpec], list[str]]:
+    env = walks.example if opportunistic else walks.fixed
+    if stage.kind == "module":
+        names = list(stage.inputs.values())
+        return ([_arg(env[n], _free_dims(n, env[n], walks), _required(n, walks), opportunistic) for n in names],
+                list(stage.inputs))
+    latent_name = stage.inputs["latent"]
+    latent = env[latent_name]
+    x_free = {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
+    x_required = walks.driven(latent_name)
+    shape = [max(2, latent.shape[0]) if opportunistic else latent.shape[0], *latent.shape[1:]]
+    x = _arg(torch.zeros(shape, dtype=torch.float32, device=latent.device), x_free, x_required, opportunistic)
+    sigma = ArgSpec(torch.linspace(1.0, 2.0, shape[0], device=latent.device),
+                    {0: x.dynamic[0]} if 0 in x.dynamic else {}, {0: x_required[0]} if 0 in x_required else {})
+    cfg = stage.inputs.get("cfg")
+    args = [x, sigma] + _context_args(stage, env, walks.program.constants)
+    args.append(ArgSpec(env[cfg].float() if cfg else torch.tensor(float(stage.params["cfg"])), {}, {}))
+    args += [ArgSpec(env[stage.inputs[k]], {}, {}) for k in ("cond_y", "uncond_y") if k in stage.inputs]
+    labels = ["latent", "sigma", "cond_context", "uncond_context", "cfg", "cond_y", "uncond_y"]
+    return args, labels[:len(args)]
+
+
+def _context_args(stage: Stage, env: dict, constants: dict) -> list[ArgSpec]:
+    """Prompt embeddings: fixed when both are constants (the denoiser then matches ComfyUI's
+    handling of different lengths itself); with a runtime prompt the token count is dynamic and
+    the runtime repeats both to their common multiple first, as ComfyUI does, so they are
+    exported at equal length."""
+    names = [stage.inputs[k] for k in ("cond_context", "uncond_context")]
+    if _constant_contexts(stage, constants):
+        return [ArgSpec(env[n], {}, {}) for n in names]
+    contexts = [env[n] for n in names]
+    length = math.lcm(*(c.shape[1] for c in contexts))
+    tokens = (CHUNK_RANGE[0] * TOKENS_PER_CHUNK, CHUNK_RANGE[1] * TOKENS_PER_CHUNK)
+    return [ArgSpec(c.repeat(1, length // c.shape[1], 1), {1: tokens}, {1: tokens}) for c in contexts]
+
+
+def _export(stage: Stage, walks: _Walks):
+    """Export with opportunistic dynamic dims, else with only the driven ones; KilnError if neither."""
+    failure = None
+    for opportunistic in (True, False):
+        args, labels = _stage_args(stage, walks, opportunistic)
+        try:
+            ep = export_module(stage.module, args)
+            check_ranges(ep, args, labels)
+            return ep
+        except NeedsStaticShapes as error:
+            failure = error.problem
+        except (ShapeRangeError, UserError) as error:
+            failure = Problem("unsupported_in_plan", f"stage {stage.name} cannot take every size the declared "
+                              f"inputs allow: {str(error).splitlines()[0]}", node_id=stage.node_ids[0])
+    raise KilnError([failure, Problem("unsupported_in_plan", _range_hint(walks.size_inputs))])
+
+
+def _range_hint(size_inputs: list[RuntimeInput]) -> str:
+    if not size_inputs:
+        return "the stage could not be exported for its sizes"
+    declared = ", ".join(f"{i.name}={i.min}..{i.max}" for i in size_inputs)
+    return f"sizes are runtime inputs ({declared}); narrow the ranges or make them constants"
