@@ -56,8 +56,9 @@ def choose_providers(device: str, forced: str | None, available: list[str]) -> l
                   f"(available: {', '.join(available)}); running on {CPU}", file=sys.stderr)
     else:
         chosen = []
-    tail = [PROVIDERS["cuda"]] if chosen == [PROVIDERS["tensorrt"]] else []
-    return chosen + tail + ([CPU] if chosen != [CPU] else [])
+    if chosen == [PROVIDERS["tensorrt"]] and PROVIDERS["cuda"] in available:
+        chosen.append(PROVIDERS["cuda"])   # for the subgraphs TensorRT does not take
+    return chosen + ([CPU] if chosen != [CPU] else [])
 
 
 def provider_device(providers: list[str], plan_device: str) -> torch.device:
@@ -77,6 +78,7 @@ class OnnxStage:
         ort = onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3   # errors only: optimizer notes are not the user's business
         # Views of the plan's mapped weights, alive as long as the session. With ORT_ENABLE_ALL
         # onnxruntime re-lays them out into buffers of its own (measured: zero-copy sharing with
         # add_initializer works only with graph optimizations off, ~6x slower on the SD1.5 UNet).

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 from kiln.api import run_workflow
@@ -193,3 +194,25 @@ def _retarget(source, dest, **target):
     return writer.write({"target": {**manifest.target, **target}, "workflow": manifest.workflow,
                          "inputs": [vars(i) for i in manifest.inputs], "stages": stages,
                          "folded": manifest.folded, "dropped_models": manifest.dropped_models})
+
+
+def test_runtime_prompt_text_stage(compile_onnx, models_dir):
+    """The ONNX text encoder on packed tokens equals the CLIP node for one and for several 77-token
+    chunks (a dynamic dim), and the denoiser graph takes the longer context."""
+    from kiln.compiler.lower.chains import pack_tokens
+    from kiln.nodes.models.checkpoint import load_checkpoint
+
+    plan = load_plan(compile_onnx("text", txt2img(), ["6.text"]))
+    assert plan.manifest.stages[0].artifact == "stages/module_6.onnx"
+    _, clip, _ = load_checkpoint(models_dir / "checkpoints" / "tiny-sd15.safetensors")
+    prompts = ["a (red fox:1.3) in the snow", "a (red fox:1.3), " + ", ".join(f"tree {i}" for i in range(40))]
+    for text in prompts:
+        tokens = clip.tokenize(text)["l"]
+        (cond,) = plan.compiled["module_6"](pack_tokens(tokens))
+        torch.testing.assert_close(cond, clip.encode(text), rtol=1e-4, atol=1e-4)
+    chunks = len(tokens)
+    assert chunks > 1 and cond.shape[1] == chunks * 77
+    uncond = plan.constants["const.7.0.0.cond"].repeat(1, chunks, 1)
+    denoised, _ = plan.compiled["sample_3"](torch.randn(1, 4, 8, 8), torch.tensor([2.5]), cond, uncond,
+                                            torch.tensor(7.0))
+    assert denoised.shape == (1, 4, 8, 8) and torch.isfinite(denoised).all()
