@@ -74,7 +74,8 @@ class PlanWriter:
         if missing:
             raise ValueError(f"stage {stage_name}: the artifact needs weights that were not given: {missing[:8]}")
         same = next((stage for stage, blob in self._artifacts.items() if blob == data), None)
-        self._members[stage_name] = self._members[same] if same is not None else artifact_member(stage_name, self.backend)
+        self._members[stage_name] = (self._members[same] if same is not None
+                                     else artifact_member(stage_name, self.backend))
         self._artifacts[stage_name] = data
         names = {fqn: self._add_weight(stage_name, fqn, weights[fqn]) for fqn in fqns}
         self._constant_names[stage_name] = names
