@@ -161,6 +161,9 @@ def _run_plan(args: argparse.Namespace) -> int:
             raise PlanError("invalid_input", "--set needs NODE.INPUT=VALUE", expected="e.g. --set 3.seed=7",
                             found=repr(item))
         node_id, input_name, value = parsed
+        spec = plan.manifest.input(f"{node_id}.{input_name}")
+        if spec is not None and spec.type == "STRING" and not isinstance(value, str):
+            value = item.partition("=")[2]   # a prompt that happens to parse as JSON (42, true) is text
         values[f"{node_id}.{input_name}"] = value
     bars = None if args.quiet else _StepBars()
     try:

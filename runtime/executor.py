@@ -50,7 +50,7 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
             last_use[name] = index
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
-                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step)
+                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step, tokenizers=plan.tokenizers)
     run = PlanRun()
     with torch.inference_mode():
         for index, stage in enumerate(manifest.stages):

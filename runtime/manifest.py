@@ -1,8 +1,8 @@
 """The plan manifest: schema, format version, and the JSON (de)serialisation writer and reader share.
 
 A plan is a zip (docs/plans.md): ``manifest.json`` (this), ``weights.safetensors``,
-``constants.safetensors`` and one ``stages/<name>.pt2`` (AOTInductor) or ``stages/<name>.onnx``
-per compiled stage. Parsing checks
+``constants.safetensors``, one ``stages/<name>.pt2`` (AOTInductor) or ``stages/<name>.onnx``
+per compiled stage and, for runtime prompts, the tokenizer vocabulary under ``tokenizers/``. Parsing checks
 ``format`` and ``format_version`` before anything else, so a plan from another kiln says
 "version" rather than failing on whatever field changed.
 """
@@ -21,7 +21,7 @@ MANIFEST_MEMBER = "manifest.json"
 WEIGHTS_MEMBER = "weights.safetensors"
 CONSTANTS_MEMBER = "constants.safetensors"
 
-STAGE_KINDS = ("sample", "module", "save_image", "empty_latent")
+STAGE_KINDS = ("tokenize", "sample", "module", "save_image", "empty_latent")
 COMPILED_KINDS = ("sample", "module")   # stages that carry an artifact
 ARTIFACT_SUFFIXES = {"aoti": ".pt2", "onnx": ".onnx"}   # target backend -> artifact member suffix
 INPUT_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -129,6 +129,10 @@ def manifest_from_dict(raw: dict) -> Manifest:
     for stage in stages:
         if stage.artifact is not None and stage.artifact not in members:
             raise PlanError("invalid_plan", f"{stage.describe()} names artifact {stage.artifact!r}, "
+                            "which is not a listed member")
+        vocabulary = stage.params.get("vocabulary")
+        if stage.kind == "tokenize" and vocabulary not in members:
+            raise PlanError("invalid_plan", f"{stage.describe()} names vocabulary {vocabulary!r}, "
                             "which is not a listed member")
     return Manifest(kiln_version=raw["kiln_version"], torch_version=raw["torch_version"], target=dict(target),
                     workflow=raw["workflow"], inputs=inputs, stages=stages,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.kernels.clip_bpe import ClipBpe
 from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
 from kiln.runtime.errors import PlanError
 from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
@@ -170,6 +171,7 @@ class LoadedPlan:
     member_sizes: dict[str, int]
     load_seconds: float
     providers: list[str] = field(default_factory=list)   # ONNX plans: onnxruntime's, best first
+    tokenizers: dict[str, ClipBpe] = field(default_factory=dict)   # vocabulary member -> tokenizer
 
 
 def load_plan(path: str | Path, provider: str | None = None) -> LoadedPlan:
@@ -211,7 +213,21 @@ def load_plan(path: str | Path, provider: str | None = None) -> LoadedPlan:
         compiled[stage.name] = loaded[key]
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
-                      providers)
+                      providers, _tokenizers(reader))
+
+
+def _tokenizers(reader: PlanReader) -> dict[str, ClipBpe]:
+    """One tokenizer per vocabulary member the plan's ``tokenize`` stages name."""
+    out = {}
+    for stage in reader.manifest.stages:
+        member = stage.params.get("vocabulary") if stage.kind == "tokenize" else None
+        if member is not None and member not in out:
+            try:
+                out[member] = ClipBpe(bytes(reader.member(member)))
+            except ValueError as exc:
+                raise PlanError("invalid_plan", f"{stage.describe()}: member {member} is not a usable "
+                                f"vocabulary ({exc})") from None
+    return out
 
 
 def _providers(manifest: Manifest, forced: str | None) -> list[str]:

@@ -1,4 +1,4 @@
-"""Executors for the four stage kinds (docs/plans.md, "Stage kinds").
+"""Executors for the five stage kinds (docs/plans.md, "Stage kinds").
 
 ``sample`` reproduces the interpreter's KSampler path (kiln.nodes.sampling.common_ksampler +
 Guider.sample) step for step: same sigmas (kiln.kernels.schedules), same CPU noise
@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from kiln.kernels.batching import prepare_mask
+from kiln.kernels.clip_bpe import ClipBpe
 from kiln.kernels.ksampler import ksampler_sample
 from kiln.kernels.model_sampling import LatentFormat, ModelSamplingDiscrete
 from kiln.kernels.noise import prepare_noise
@@ -24,18 +25,20 @@ from kiln.kernels.samplers import SAMPLER_NAMES
 from kiln.kernels.schedules import SCHEDULER_NAMES, advanced_sigmas, ksampler_sigmas
 from kiln.runtime.errors import PlanError
 from kiln.runtime.images import write_pngs
-from kiln.runtime.manifest import Manifest, StageSpec, input_env_name
+from kiln.runtime.manifest import RUNTIME_INPUT_PREFIX, Manifest, StageSpec, input_env_name
+from kiln.runtime.prompts import common_length, tokenize_prompt
 
 # (stage-local tensor inputs required, optional ones, settings: input or param)
 _SAMPLE_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg", "seed", "prediction", "scale_factor", "advanced")
 _SIGNATURES: dict[str, tuple[tuple, tuple, tuple]] = {
+    "tokenize": ((), (), ("text", "pad_token", "max_chunks", "vocabulary")),
     "sample": (("latent", "cond_context", "uncond_context"), ("cond_y", "uncond_y", "noise_mask"),
                _SAMPLE_SETTINGS),
     "module": ((), (), ()),
     "save_image": (("images",), (), ("filename_prefix",)),
     "empty_latent": ((), (), ("width", "height", "batch_size", "channels")),
 }
-_OUTPUTS = {"sample": ("samples",), "save_image": (), "empty_latent": ("samples",)}   # module: any
+_OUTPUTS = {"tokenize": ("tokens",), "sample": ("samples",), "save_image": (), "empty_latent": ("samples",)}   # module: any
 _SIMPLE_SAMPLER = ("denoise",)
 _ADVANCED_SAMPLER = ("add_noise", "start_at_step", "end_at_step", "return_with_leftover_noise")
 _ENABLE = ("enable", "disable")   # KSamplerAdvanced's widget values, kept as ComfyUI spells them
@@ -50,6 +53,7 @@ class StageContext:
     output_dir: str
     prompt: dict | None                                          # embedded into saved PNGs
     on_step: Callable[[str, int, int], None] | None = None       # (stage name, step, total)
+    tokenizers: Mapping[str, ClipBpe] = field(default_factory=dict)  # vocabulary member -> tokenizer
     saved: list[str] = field(default_factory=list)
 
 
@@ -105,6 +109,16 @@ def run_stage(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict
 def _setting(stage: StageSpec, args: dict[str, Any], name: str) -> Any:
     value = args[name] if name in args else stage.params[name]
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+# --- tokenize -----------------------------------------------------------------------------
+def _tokenize(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """A runtime prompt -> packed weighted tokens for the compiled CLIPTextEncode that follows."""
+    source = stage.inputs.get("text", "")
+    input_name = source[len(RUNTIME_INPUT_PREFIX):] if source.startswith(RUNTIME_INPUT_PREFIX) else "text"
+    tokens = tokenize_prompt(str(_setting(stage, args, "text")), ctx.tokenizers[stage.params["vocabulary"]],
+                             int(stage.params["pad_token"]), int(stage.params["max_chunks"]), input_name)
+    return {"tokens": tokens}
 
 
 # --- sample -------------------------------------------------------------------------------
@@ -166,6 +180,8 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
         x0 = latent_format.process_in(x0)
     conds = [args[name].to(device) for name in ("cond_context", "uncond_context", "cond_y", "uncond_y")
              if name in args]
+    if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
+        conds[:2] = common_length(conds[:2], int(stage.params["max_context_tokens"]), stage.describe())
     model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device)
 
     callback = None
@@ -211,5 +227,5 @@ def _empty_latent(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> 
 
 
 _EXECUTORS: dict[str, Callable[[StageSpec, dict[str, Any], StageContext], dict[str, Any]]] = {
-    "sample": _sample, "module": _module, "save_image": _save_image, "empty_latent": _empty_latent,
+    "tokenize": _tokenize, "sample": _sample, "module": _module, "save_image": _save_image, "empty_latent": _empty_latent,
 }

@@ -56,6 +56,7 @@ class PlanWriter:
         self._weights: dict[str, torch.Tensor] = {}          # weights key -> tensor
         self._weight_keys: dict[tuple, str] = {}             # content key -> weights key
         self._constants: dict[str, torch.Tensor] = {}
+        self._files: dict[str, bytes] = {}                   # other members (tokenizer vocabularies)
 
     def add_artifact(self, stage_name: str, artifact: bytes | str | os.PathLike,
                      weights: Mapping[str, torch.Tensor], device: str = "cpu",
@@ -86,6 +87,10 @@ class PlanWriter:
         for name, tensor in constants.items():
             self._constants[name] = _storable(tensor)
 
+    def add_file(self, member: str, data: bytes) -> None:
+        """Another member stored as is (a tokenizer vocabulary a ``tokenize`` stage names)."""
+        self._files[member] = bytes(data)
+
     def write(self, manifest: Mapping) -> Path:
         """Fill in format, versions, artifacts, constant maps and member hashes; validate; write.
 
@@ -104,7 +109,7 @@ class PlanWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".kiln-plan-") as scratch:
             members = {WEIGHTS_MEMBER: _safetensors_file(self._weights, Path(scratch) / "w"),
-                       CONSTANTS_MEMBER: _safetensors_file(self._constants, Path(scratch) / "c")}
+                       CONSTANTS_MEMBER: _safetensors_file(self._constants, Path(scratch) / "c"), **self._files}
             for stage_name, blob in self._artifacts.items():
                 members[self._members[stage_name]] = blob   # identical artifacts: one member
             data["members"] = {name: _sha256(content) for name, content in members.items()}

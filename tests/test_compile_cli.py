@@ -63,8 +63,8 @@ def test_compile_runs_the_passes_and_hands_the_program_to_lowering(models_dir, t
     out, err = capsys.readouterr()
     assert rc == 0 and out.strip() == str(plan) and plan.read_bytes() == b"plan"
     program = fake_lowering["program"]
-    assert [s.name for s in program.stages] == ["module_6", "empty_latent_5", "sample_3", "module_8-11-12-13",
-                                                "sample_14", "module_15-9", "save_9"]
+    assert [s.name for s in program.stages] == ["tokenize_6", "module_6", "empty_latent_5", "sample_3",
+                                                "module_8-11-12-13", "sample_14", "module_15-9", "save_9"]
     assert [i.name for i in program.inputs] == ["6.text", "5.width", "3.seed", "14.seed"]
     assert program.target == {"device": "cpu", "dtype": "fp32", "backend": "aoti"}
     assert program.workflow == workflow and program.dropped_models == []

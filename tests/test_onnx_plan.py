@@ -4,18 +4,11 @@ onnxruntime execution provider (fallback with a notice, or a clear failure when 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
-import torch
-from PIL import Image
-
-from kiln.api import run_workflow
-from kiln.cli import main
 from kiln.compiler.lower.onnx_export import OPSET
 from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
@@ -24,23 +17,18 @@ from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
 from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
+from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files
 from workflows import hires_fix, img2img, txt2img
 
-MIN_PSNR_FP32 = 60.0
-MAX_PIXEL_DIFF = 2   # uint8 truncation turns a tiny float difference at a boundary into 1
+from kiln.cli import main
+
 T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
 
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kiln-onnx-cache")
-    old = os.environ.get("KILN_CACHE_DIR")
-    os.environ["KILN_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["KILN_CACHE_DIR"]
-    else:
-        os.environ["KILN_CACHE_DIR"] = old
+    with cache_dir(tmp_path_factory.mktemp("kiln-onnx-cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -63,50 +51,25 @@ def hires_plan(compile_onnx, t2i_plan):   # after t2i: the denoiser and final de
     return compile_onnx("hires", hires_fix())
 
 
-def _pixels(paths) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
-
-
-def _parity(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> None:
-    """The plan's images against the interpreter's: PSNR >= 60 dB and max pixel difference <= 2."""
-    overrides = {tuple(k.split(".", 1)): v for k, v in (values or {}).items()}
-    ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
-                       overrides=overrides)
-    loaded = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
-    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan")
-    assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
-    a, b = _pixels(ref.saved), _pixels(got.saved)
-    assert a.shape == b.shape
-    mse = float(((a - b) ** 2).mean())
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-    assert psnr >= MIN_PSNR_FP32, f"PSNR {psnr:.1f} dB"
-    assert np.abs(a - b).max() <= MAX_PIXEL_DIFF
-
-
-def _compiled_files(cache) -> set[str]:
-    folder = cache / "compiled"
-    return set(os.listdir(folder)) if folder.is_dir() else set()
-
-
 # --- parity ------------------------------------------------------------------------------------
 def test_txt2img_onnx_plan_matches_interpreter(t2i_plan, tmp_path, models_dir, input_dir):
-    _parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir)
+    assert_parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir)
 
 
 def test_img2img_onnx_plan_matches_interpreter(compile_onnx, tmp_path, models_dir, input_dir):
     workflow = img2img()
-    _parity(workflow, compile_onnx("i2i", workflow), tmp_path, models_dir, input_dir)
+    assert_parity(workflow, compile_onnx("i2i", workflow), tmp_path, models_dir, input_dir)
 
 
 def test_hires_fix_onnx_plan_matches_interpreter(hires_plan, tmp_path, models_dir, input_dir):
-    _parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
+    assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 
 
 def test_declared_sizes_run_without_reexport(t2i_plan, onnx_cache, tmp_path, models_dir, input_dir):
-    before = _compiled_files(onnx_cache)
-    _parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir,
+    before = compiled_files(onnx_cache)
+    assert_parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir,
             {"5.width": 96, "5.height": 48, "5.batch_size": 2, "3.seed": 11})
-    assert _compiled_files(onnx_cache) == before
+    assert compiled_files(onnx_cache) == before
     with pytest.raises(PlanError, match="outside the range.*64..96"):
         run_plan(load_plan(t2i_plan), {"5.width": 104}, output_dir=tmp_path / "refused")
 
@@ -175,7 +138,7 @@ def test_cuda_plan_without_gpu_provider_runs_on_cpu_with_a_notice(t2i_plan, tmp_
     plan = load_plan(cuda_plan)
     assert "notice: the plan targets cuda" in capsys.readouterr().err
     assert plan.providers == [CPU] and plan.device.type == "cpu"
-    _parity(txt2img(), plan, tmp_path, models_dir, input_dir)
+    assert_parity(txt2img(), plan, tmp_path, models_dir, input_dir)
 
 
 def _retarget(source, dest, **target):
@@ -196,23 +159,5 @@ def _retarget(source, dest, **target):
                          "folded": manifest.folded, "dropped_models": manifest.dropped_models})
 
 
-def test_runtime_prompt_text_stage(compile_onnx, models_dir):
-    """The ONNX text encoder on packed tokens equals the CLIP node for one and for several 77-token
-    chunks (a dynamic dim), and the denoiser graph takes the longer context."""
-    from kiln.compiler.lower.chains import pack_tokens
-    from kiln.nodes.models.checkpoint import load_checkpoint
-
-    plan = load_plan(compile_onnx("text", txt2img(), ["6.text"]))
-    assert plan.manifest.stages[0].artifact == "stages/module_6.onnx"
-    _, clip, _ = load_checkpoint(models_dir / "checkpoints" / "tiny-sd15.safetensors")
-    prompts = ["a (red fox:1.3) in the snow", "a (red fox:1.3), " + ", ".join(f"tree {i}" for i in range(40))]
-    for text in prompts:
-        tokens = clip.tokenize(text)["l"]
-        (cond,) = plan.compiled["module_6"](pack_tokens(tokens))
-        torch.testing.assert_close(cond, clip.encode(text), rtol=1e-4, atol=1e-4)
-    chunks = len(tokens)
-    assert chunks > 1 and cond.shape[1] == chunks * 77
-    uncond = plan.constants["const.7.0.0.cond"].repeat(1, chunks, 1)
-    denoised, _ = plan.compiled["sample_3"](torch.randn(1, 4, 8, 8), torch.tensor([2.5]), cond, uncond,
-                                            torch.tensor(7.0))
-    assert denoised.shape == (1, 4, 8, 8) and torch.isfinite(denoised).all()
+def test_runtime_prompt(compile_onnx, tmp_path, models_dir, input_dir):
+    check_runtime_prompt(txt2img(), compile_onnx("text", txt2img(), ["6.text"]), tmp_path, models_dir, input_dir)

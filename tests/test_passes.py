@@ -139,11 +139,30 @@ def test_a_runtime_prompt_keeps_its_encoder_and_the_clip(models_dir):
     c = passes_until(txt2img(), "partition_stages", models_dir, inputs=["6.text"])
     assert [f["node_id"] for f in c.folded] == ["7", "5"]
     assert c.dropped_models == ()
-    encode = c.stages[0]
-    assert (encode.name, encode.kind, encode.inputs) == ("module_6", "module", {"6.text": "in.6.text"})
+    tokenize, encode, sample = c.stages[:3]
+    assert (tokenize.name, tokenize.kind, tokenize.inputs) == ("tokenize_6", "tokenize", {"text": "in.6.text"})
+    assert tokenize.outputs == {"tokens": "6.text.tokens"} and tokenize.params == {"pad_token": 49407}
+    assert (encode.name, encode.kind, encode.inputs) == ("module_6", "module", {"6.text": "6.text.tokens"})
     assert encode.outputs == {"6.0.0.cond": "6.0.0.cond"}   # SD1 reads no pooled output
-    assert c.stages[1].inputs["cond_context"] == "6.0.0.cond"
-    assert c.stages[1].inputs["uncond_context"] == "const.7.0.0.cond"
+    assert sample.inputs["cond_context"] == "6.0.0.cond"
+    assert sample.inputs["uncond_context"] == "const.7.0.0.cond"
+
+
+def test_a_runtime_prompt_pads_as_its_encoder(models_dir):
+    """OpenCLIP (SD2) pads with 0, not EOS: the tokenize stage carries the encoder's pad token."""
+    workflow = variant(txt2img(), "4", ckpt_name="tiny-sd2-v.safetensors")
+    c = passes_until(workflow, "partition_stages", models_dir, inputs=["6.text"])
+    assert c.stages[0].params == {"pad_token": 0}
+
+
+@pytest.mark.parametrize("ckpt, text, message", [
+    ("tiny-sdxl.safetensors", "a fox", r"node 6 \(CLIPTextEncode.*'clip'.*one-encoder CLIP.*found 2 \(sdxl\)"),
+    ("tiny-sd15.safetensors", "a embedding:style fox", r"node 6 \(CLIPTextEncode.*'text'.*embeddings"),
+])
+def test_runtime_prompts_it_cannot_take_are_refused(models_dir, ckpt, text, message):
+    workflow = variant(variant(txt2img(), "4", ckpt_name=ckpt), "6", text=text)
+    with pytest.raises(KilnError, match=message):
+        passes_until(workflow, "partition_stages", models_dir, inputs=["6.text"])
 
 
 def test_img2img_folds_load_and_encode(models_dir, input_dir):

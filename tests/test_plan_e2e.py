@@ -5,42 +5,29 @@ only differ in size (txt2img's and HiRes fix's denoiser and final decode) compil
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from kiln.api import run_workflow
 from kiln.compiler.errors import KilnError
 from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
+from plan_parity import (
+    assert_parity,
+    cache_dir,
+    check_runtime_prompt,
+    compiled_files,
+)
 from workflows import hires_fix, img2img, txt2img, variant
-
-MIN_PSNR_FP32 = 60.0
-MAX_PIXEL_DIFF = 2   # uint8 truncation turns a tiny float difference at a boundary into 1
 
 
 @pytest.fixture(scope="session")
 def kiln_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kiln-cache")
-    old = os.environ.get("KILN_CACHE_DIR")
-    os.environ["KILN_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["KILN_CACHE_DIR"]
-    else:
-        os.environ["KILN_CACHE_DIR"] = old
-
-
-def _artifacts(cache) -> set[str]:
-    folder = cache / "compiled"
-    return set(os.listdir(folder)) if folder.is_dir() else set()
+    with cache_dir(tmp_path_factory.mktemp("kiln-cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -61,36 +48,14 @@ def t2i_plan(compile_plan):
 @pytest.fixture(scope="session")
 def hires_compile(compile_plan, t2i_plan, kiln_cache):
     """(plan, artifacts it added to the cache): after t2i, only the fused HiRes chain is new."""
-    before = _artifacts(kiln_cache)
+    before = compiled_files(kiln_cache)
     plan = compile_plan("hires", hires_fix())
-    return plan, _artifacts(kiln_cache) - before
+    return plan, compiled_files(kiln_cache) - before
 
 
 @pytest.fixture(scope="session")
 def hires_plan(hires_compile):
     return hires_compile[0]
-
-
-def _pixels(paths) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
-
-
-def _compare(workflow, plan_path, tmp_path, models_dir, input_dir, values=None) -> tuple[float, float]:
-    """(PSNR in dB, max pixel difference) of the plan's images against the interpreter's."""
-    overrides = {tuple(k.split(".", 1)): v for k, v in (values or {}).items()}
-    ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
-                       overrides=overrides)
-    got = run_plan(load_plan(plan_path), values or {}, output_dir=tmp_path / "plan")
-    assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
-    a, b = _pixels(ref.saved), _pixels(got.saved)
-    assert a.shape == b.shape
-    mse = float(((a - b) ** 2).mean())
-    return (float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)), float(np.abs(a - b).max())
-
-
-def _assert_parity(psnr: float, max_diff: float) -> None:
-    assert psnr >= MIN_PSNR_FP32, f"PSNR {psnr:.1f} dB"
-    assert max_diff <= MAX_PIXEL_DIFF, f"max pixel difference {max_diff}"
 
 
 # --- the denoiser module, eagerly (no compile) ---------------------------------------------
@@ -128,19 +93,19 @@ def test_denoiser_refuses_areas(models_dir):
 
 # --- plans against the interpreter ---------------------------------------------------------
 def test_txt2img_plan_matches_interpreter(t2i_plan, tmp_path, models_dir, input_dir):
-    _assert_parity(*_compare(txt2img(), t2i_plan, tmp_path, models_dir, input_dir))
+    assert_parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir)
 
 
 def test_img2img_plan_matches_interpreter(compile_plan, t2i_plan, kiln_cache, tmp_path, models_dir, input_dir):
     workflow = img2img()
-    before = _artifacts(kiln_cache)
+    before = compiled_files(kiln_cache)
     plan = compile_plan("i2i", workflow)
-    assert _artifacts(kiln_cache) == before   # denoiser and decode: txt2img's, other sizes
-    _assert_parity(*_compare(workflow, plan, tmp_path, models_dir, input_dir))
+    assert compiled_files(kiln_cache) == before   # denoiser and decode: txt2img's, other sizes
+    assert_parity(workflow, plan, tmp_path, models_dir, input_dir)
 
 
 def test_hires_fix_plan_matches_interpreter(hires_plan, tmp_path, models_dir, input_dir):
-    _assert_parity(*_compare(hires_fix(), hires_plan, tmp_path, models_dir, input_dir))
+    assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 
 
 def test_hires_fix_fuses_and_shares(hires_compile):
@@ -156,10 +121,10 @@ def test_hires_fix_fuses_and_shares(hires_compile):
 
 
 def test_declared_sizes_and_seed_run_without_recompiling(t2i_plan, kiln_cache, tmp_path, models_dir, input_dir):
-    before = _artifacts(kiln_cache)
+    before = compiled_files(kiln_cache)
     values = {"5.width": 96, "5.height": 48, "5.batch_size": 2, "3.seed": 11}
-    _assert_parity(*_compare(txt2img(), t2i_plan, tmp_path, models_dir, input_dir, values))
-    assert _artifacts(kiln_cache) == before
+    assert_parity(txt2img(), t2i_plan, tmp_path, models_dir, input_dir, values)
+    assert compiled_files(kiln_cache) == before
     with pytest.raises(PlanError, match="outside the range.*64..96"):
         run_plan(load_plan(t2i_plan), {"5.width": 104}, output_dir=tmp_path / "refused")
 
@@ -170,11 +135,11 @@ def test_same_architecture_reuses_compiled_stages(compile_plan, t2i_plan, kiln_c
     from kiln.nodes.models.synthetic import write_checkpoint
 
     write_checkpoint(models_dir / "checkpoints" / "tiny-sd15-other.safetensors", "sd1", size="tiny", seed=5)
-    before = _artifacts(kiln_cache)
+    before = compiled_files(kiln_cache)
     workflow = txt2img("tiny-sd15-other.safetensors")
     plan = compile_plan("other", workflow, ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"])
-    assert _artifacts(kiln_cache) == before
-    _assert_parity(*_compare(workflow, plan, tmp_path, models_dir, input_dir))
+    assert compiled_files(kiln_cache) == before
+    assert_parity(workflow, plan, tmp_path, models_dir, input_dir)
 
 
 def test_inspect_shows_folding(hires_plan):
@@ -199,30 +164,5 @@ def test_lanczos_is_refused(compile_plan):
 
 
 # --- a runtime prompt ---------------------------------------------------------------------
-def test_runtime_prompt_stages(compile_plan, models_dir):
-    """The compiled text stage on packed tokens equals the CLIP node (weights, two chunks), and
-    the denoiser takes the longer prompt once both sides are repeated to a common length."""
-    from kiln.compiler.lower.chains import pack_tokens
-    from kiln.compiler.lower.denoiser import build_denoiser
-    from kiln.nodes.models.checkpoint import load_checkpoint
-
-    plan = load_plan(compile_plan("text", txt2img(), ["6.text"]))
-    assert [s.name for s in plan.manifest.stages][:2] == ["module_6", "sample_3"]
-    assert plan.manifest.stages[1].params["context_lcm"] is True
-    model, clip, _ = load_checkpoint(models_dir / "checkpoints" / "tiny-sd15.safetensors")
-    long_prompt = "a (red fox:1.3) in the snow, " + ", ".join(f"tree {i}" for i in range(40))
-    for text in ("a (red fox:1.3) in the snow", long_prompt):
-        tokens = clip.tokenize(text)["l"]
-        (cond,) = plan.compiled["module_6"](pack_tokens(tokens))
-        expected = clip.encode(text)
-        assert cond.shape == expected.shape == (1, 77 * len(tokens), expected.shape[-1])
-        torch.testing.assert_close(cond, expected, rtol=1e-4, atol=1e-4)
-    assert len(tokens) > 1
-
-    uncond = plan.constants["const.7.0.0.cond"]
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma, cfg = torch.tensor([2.5]), torch.tensor(7.0)
-    with torch.inference_mode():
-        expected, _ = build_denoiser(model, 7.0)(x, sigma, cond, uncond, cfg)
-    denoised, _ = plan.compiled["sample_3"](x, sigma, cond, uncond.repeat(1, len(tokens), 1), cfg)
-    torch.testing.assert_close(denoised, expected, rtol=1e-4, atol=1e-4)
+def test_runtime_prompt(compile_plan, tmp_path, models_dir, input_dir):
+    check_runtime_prompt(txt2img(), compile_plan("text", txt2img(), ["6.text"]), tmp_path, models_dir, input_dir)

@@ -1,12 +1,16 @@
 """CLIP BPE tokenizer, ComfyUI prompt weighting and 77-token chunking."""
+import random
+
 import pytest
 import safetensors.torch
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from transformers import CLIPTokenizer
 
-from kiln.nodes.models.prompt_weights import (ChunkSpec, parse_parentheses, parse_prompt, token_weights,
-                                              tokenize_with_weights)
-from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clip_tokenizer, clip_vocab_and_merges, encode_words
+from kiln.kernels.clip_bpe import ClipBpe, clip_vocabulary, read_merges
+from kiln.kernels.prompt_syntax import parse_parentheses, parse_prompt, token_weights
+from kiln.nodes.models.prompt_weights import ChunkSpec, tokenize_with_weights
+from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clip_merge_file, encode_words
 
 SD1 = ChunkSpec(pad_token=EOS_TOKEN, embedding_size=768, embedding_key="clip_l")
 SD2 = ChunkSpec(pad_token=0, embedding_size=1024, embedding_key="clip_h")
@@ -20,22 +24,48 @@ PROMPTS = [
 ]
 
 
+def _random_prompts(count: int, seed: int = 0) -> list[str]:
+    """Prompts mixing words, digits, punctuation runs, contractions, odd whitespace and non-Latin text."""
+    rng = random.Random(seed)
+    pieces = ["cat", "Photo", "don't", "it's", "we'll", "8k", "1girl", "f/1.8", "--", "!!!", "...", ",", "'",
+              "\t", "\n\n", "  ", "\u00a0", "café", "ÉCOLE", "東京", "🙂🙂", "naïve", "straße", "İstanbul",
+              "x'y'z", "<|endoftext|>", "<|startoftext|>", "a<|endoftext|>b", "(weighted:1.2)", "über-détaillé",
+              "٣٤٥", "ﬁne", "e\u0301", "Ω≈ç√", "\x00"]
+    return ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 12)))
+            for _ in range(count)]
+
+
 def test_known_ids():
-    assert clip_tokenizer()("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert encode_words("a photo of a cat") == [320, 1125, 539, 320, 2368]
     assert encode_words("hello world") == [3306, 1002]
     assert encode_words("") == []
 
 
 def test_vocabulary_layout():
-    vocab, merges = clip_vocab_and_merges()
+    merges = read_merges(clip_merge_file())
+    vocab = clip_vocabulary(merges)
     assert len(vocab) == 49408 and len(merges) == 48894
     assert vocab["<|startoftext|>"] == BOS_TOKEN and vocab["<|endoftext|>"] == EOS_TOKEN
     assert vocab["!"] == 0 and vocab["a</w>"] == 320 and vocab["Ā"] == 188  # byte 0 -> U+0100
 
 
+def test_merge_file_must_be_clip_merges():
+    with pytest.raises(ValueError, match="not a gzipped CLIP merge file"):
+        ClipBpe(b"not gzip")
+
+
 @pytest.mark.parametrize("text", PROMPTS)
 def test_matches_openclip_simple_tokenizer(text):
     assert encode_words(text) == SimpleTokenizer().encode(text)
+
+
+def test_matches_transformers_clip_tokenizer():
+    """The tokenizer ComfyUI loads (transformers' CLIPTokenizer on the same vocabulary), over
+    unicode, whitespace, contractions and special-token text."""
+    merges = read_merges(clip_merge_file())
+    reference = CLIPTokenizer(vocab=clip_vocabulary(merges), merges=merges)
+    for text in PROMPTS + _random_prompts(300):
+        assert encode_words(text) == reference(text, add_special_tokens=False)["input_ids"], text
 
 
 def test_case_and_whitespace_do_not_matter():

@@ -170,16 +170,13 @@ class Resize(_Op):
 
 
 class ClipTextEncode(_Op):
-    """CLIPTextEncode on a runtime prompt, given as tokens (see ``pack_tokens``), for one-encoder
+    """CLIPTextEncode on a runtime prompt, given as tokens (kiln.runtime.prompts.pack_tokens), for one-encoder
     CLIPs (SD1, SD2): ComfyUI's ``encode_token_weights``. The empty prompt is always encoded and
     ``torch.where`` applies the weights, which equals encoding it only when some weight is not 1."""
 
     def __init__(self, node: Node, clip):
         super().__init__(node)
-        if len(clip.encoders) != 1:
-            raise KilnError([_problem(node, "a runtime prompt needs a one-encoder CLIP (SD1, SD2)", input_name="clip",
-                                      expected="1 text encoder", found=f"{len(clip.encoders)} ({clip.arch})")])
-        (self.encoder,) = clip.encoders.values()
+        (self.encoder,) = clip.encoders.values()   # partition refuses multi-encoder CLIPs
         self.layer = self.encoder.resolve_layer(clip.layer_idx)
 
     def forward(self, text: torch.Tensor) -> list:
@@ -198,12 +195,6 @@ class ClipTextEncode(_Op):
         chunks = torch.where(weights != 1.0, (chunks - z_empty) * weights + z_empty, chunks)
         pooled = (projected if spec.projected_pooled else pooled)[0:1].float()
         return [[chunks.reshape(1, count * length, -1), {"pooled_output": pooled}]]
-
-
-def pack_tokens(chunks: list[list[tuple[int, float]]]) -> torch.Tensor:
-    """A tokenized prompt (77-token chunks of (id, weight)) as the float64 [chunks, 77, 2] tensor
-    a runtime prompt input carries: ids are exact in float64, weights keep their double value."""
-    return torch.tensor([[[float(t), float(w)] for t, w in chunk] for chunk in chunks], dtype=torch.float64)
 
 
 class ToUint8(_Op):

@@ -21,12 +21,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.lower.cache import compiled_artifact
-from kiln.compiler.lower.chains import NeedsStaticShapes, pack_tokens
+from kiln.compiler.lower.chains import NeedsStaticShapes
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
                                         export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
 from kiln.compiler.stages import RuntimeInput, Stage, StagedProgram
-from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
+from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clip_merge_file
+from kiln.runtime.prompts import VOCABULARY_MEMBER, pack_tokens
 from kiln.runtime.writer import PlanWriter
 
 Progress = Callable[[str, int, int], None]
@@ -35,8 +36,10 @@ Progress = Callable[[str, int, int], None]
 BATCH_RANGE = (1, 64)
 LATENT_RANGE = (1, 1024)
 PIXEL_RANGE = (1, 8192)
-# A runtime prompt: 77-token chunks (ComfyUI concatenates them on the token axis).
+# A runtime prompt: 77-token chunks (ComfyUI concatenates them on the token axis); the denoiser
+# takes both prompts repeated to the common multiple of their lengths, so it takes more.
 CHUNK_RANGE = (1, 32)
+CONTEXT_CHUNK_RANGE = (1, 128)
 TOKENS_PER_CHUNK = 77
 COMPILED_KINDS = ("sample", "module")
 
@@ -60,6 +63,8 @@ def lower(program: StagedProgram, output: Path, progress: Progress | None = None
     if progress is not None:
         progress("plan", len(compiled), len(compiled))
     writer.add_constants(program.constants)
+    if any(s.kind == "tokenize" for s in program.stages):
+        writer.add_file(VOCABULARY_MEMBER, clip_merge_file())
     return writer.write({
         "target": target, "workflow": program.workflow,
         "inputs": [dataclasses.asdict(i) for i in program.inputs],
@@ -69,12 +74,15 @@ def lower(program: StagedProgram, output: Path, progress: Progress | None = None
 
 
 def _params(stage: Stage, program: StagedProgram) -> dict:
-    """The stage's params; a sampler fed a runtime prompt also gets ``context_lcm``: the runtime
-    must repeat both prompts' embeddings to their common multiple length (ComfyUI's
-    ``CONDCrossAttn.concat``) before calling the denoiser, which takes them at equal length."""
+    """The stage's params, with what lowering decides: a tokenize stage's vocabulary member and
+    chunk limit; for a sampler fed a runtime prompt ``max_context_tokens``: the runtime repeats
+    both prompts' embeddings to their common multiple length (ComfyUI's ``CONDCrossAttn.concat``)
+    before calling the denoiser, which takes them at equal length, up to that many tokens."""
     params = dict(stage.params)
+    if stage.kind == "tokenize":
+        params.update(vocabulary=VOCABULARY_MEMBER, max_chunks=CHUNK_RANGE[1])
     if stage.kind == "sample" and not _constant_contexts(stage, program.constants):
-        params["context_lcm"] = True
+        params["max_context_tokens"] = CONTEXT_CHUNK_RANGE[1] * TOKENS_PER_CHUNK
     return params
 
 
@@ -99,7 +107,7 @@ class _Walks:
         batches = {s.inputs["batch_size"] for s in empties if "batch_size" in s.inputs}
         sizes = {env for s in empties for env in s.inputs.values()}
         self.size_inputs = [i for i in program.inputs if i.env in sizes]
-        self.text_inputs = {i.env for i in program.inputs if i.type == "STRING"}
+        self.text_inputs = {s.outputs["tokens"] for s in program.stages if s.kind == "tokenize"}
         fixed = {i.env: max(i.default, min(2, i.max)) if i.env in batches else i.default for i in self.size_inputs}
         self.example = self._walk(fixed, raise_batch=True)
         self.fixed = self._walk(fixed, raise_batch=False)
@@ -118,9 +126,10 @@ class _Walks:
                     if i.type in ("INT", "FLOAT", "BOOLEAN")})
         # Two chunks, so the chunk count can stay dynamic.
         empty_chunk = [(BOS_TOKEN, 1.0)] + [(EOS_TOKEN, 1.0)] * (TOKENS_PER_CHUNK - 1)
-        env.update({name: pack_tokens([empty_chunk] * 2) for name in self.text_inputs})
         for stage in self.program.stages:
-            if stage.kind == "empty_latent":
+            if stage.kind == "tokenize":
+                env[stage.outputs["tokens"]] = pack_tokens([empty_chunk] * 2)
+            elif stage.kind == "empty_latent":
                 value = {k: int(env[v]) if v in env else None for k, v in stage.inputs.items()}
                 setting = lambda k: value[k] if value.get(k) is not None else stage.params[k]  # noqa: E731
                 batch = max(2, setting("batch_size")) if raise_batch else setting("batch_size")
@@ -212,7 +221,7 @@ def _context_args(stage: Stage, env: dict, constants: dict) -> list[ArgSpec]:
         return [ArgSpec(env[n], {}, {}) for n in names]
     contexts = [env[n] for n in names]
     length = math.lcm(*(c.shape[1] for c in contexts))
-    tokens = (CHUNK_RANGE[0] * TOKENS_PER_CHUNK, CHUNK_RANGE[1] * TOKENS_PER_CHUNK)
+    tokens = (CONTEXT_CHUNK_RANGE[0] * TOKENS_PER_CHUNK, CONTEXT_CHUNK_RANGE[1] * TOKENS_PER_CHUNK)
     return [ArgSpec(c.repeat(1, length // c.shape[1], 1), {1: tokens}, {1: tokens}) for c in contexts]
 
 

@@ -8,6 +8,7 @@ import torch
 from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Link, Node
 from kiln.compiler.stages import MODEL_TYPES, TO_UINT8, Compilation, EnvValue, RuntimeInput, Stage, node_def
+from kiln.kernels.prompt_syntax import EMBEDDING_PREFIX
 from kiln.nodes import registry
 
 # Widgets a run-time node may take as runtime inputs -> their stage-local names.
@@ -44,7 +45,8 @@ def partition_stages(c: Compilation) -> Compilation:
     KSampler/KSamplerAdvanced -> ``sample``; EmptyLatentImage with a runtime size ->
     ``empty_latent``; SaveImage -> a ``module`` converting to 8-bit pixels plus a ``save_image``;
     VAEDecode, VAEEncode, ImageUpscaleWithModel, ImageScale(By), LatentUpscale(By) and
-    CLIPTextEncode with a runtime text -> one ``module`` each.
+    CLIPTextEncode with a runtime text -> one ``module`` each, the text first through a
+    ``tokenize`` stage.
 
     Guarantees: every stage input names a runtime input, a constant or an output of an earlier
     stage; constant widgets are ``params`` (spelled as in the workflow), runtime ones ``inputs``;
@@ -215,6 +217,8 @@ class _Partition:
     def _module(self, node: Node) -> None:
         out_type, computed = MODULE_OUTPUTS[node.class_type]
         _, runtime = self._widgets(node)
+        if "text" in runtime:
+            runtime["text"] = self._tokenize(node, runtime["text"])
         fields = {name: f"{node.id}.0.{name}" for name in computed}
         meta = {"CONDITIONING": [{}], "LATENT": {}}.get(out_type)
         for spec in registry.get(node.class_type).inputs:
@@ -227,6 +231,23 @@ class _Partition:
                                  {env: env for env in (f"{node.id}.0.{name}" for name in computed)}, {},
                                  members=[node]))
         self.values[Link(node.id, 0)] = EnvValue(out_type, fields, meta)
+
+    def _tokenize(self, node: Node, text_env: str) -> str:
+        """A ``tokenize`` stage for CLIPTextEncode's runtime prompt; returns the tokens' env name."""
+        clip = self._handle(node.inputs["clip"])
+        if len(clip.encoders) != 1:
+            self._refuse(node, "clip", "a runtime prompt needs a one-encoder CLIP (SD1, SD2)", "1 text encoder",
+                         f"{len(clip.encoders)} ({clip.arch})")
+        default = self.inputs[(node.id, "text")].default
+        if EMBEDDING_PREFIX in default:
+            self._refuse(node, "text", "a runtime prompt cannot use textual-inversion embeddings (the plan "
+                         "tokenizes it without the embeddings folders)", "a prompt without 'embedding:'",
+                         repr(default))
+        (encoder,) = clip.encoders.values()
+        tokens = f"{node.id}.text.tokens"
+        self.stages.append(Stage(f"tokenize_{node.id}", "tokenize", [node.id], {"text": text_env},
+                                 {"tokens": tokens}, {"pad_token": encoder.spec.pad_token}))
+        return tokens
 
     def _tensor_inputs(self, node: Node) -> dict[str, str]:
         """Linked data inputs as ``<node>.<slot>.<field>`` -> env (a LATENT contributes its samples only)."""

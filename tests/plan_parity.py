@@ -1,0 +1,81 @@
+"""What the AOTInductor and ONNX plan tests share: image parity against the interpreter, a
+per-scope artifact cache, and the runtime-prompt checks both backends must pass."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from kiln.runtime.errors import PlanError
+from kiln.runtime.executor import run_plan
+from kiln.runtime.plan import load_plan
+from kiln.runtime.prompts import VOCABULARY_MEMBER
+from PIL import Image
+
+from kiln.api import run_workflow
+
+MIN_PSNR_FP32 = 60.0
+MAX_PIXEL_DIFF = 2   # uint8 truncation turns a tiny float difference at a boundary into 1
+# Two 77-token chunks with weights, against the one-chunk negative prompt: the runtime repeats it.
+LONG_PROMPT = "a (red fox:1.3) in the snow, ((detailed)), " + ", ".join(f"tree {i}" for i in range(40))
+
+
+@contextmanager
+def cache_dir(path):
+    """KILN_CACHE_DIR set to ``path`` for the duration (compiled artifacts shared inside a scope)."""
+    old = os.environ.get("KILN_CACHE_DIR")
+    os.environ["KILN_CACHE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            del os.environ["KILN_CACHE_DIR"]
+        else:
+            os.environ["KILN_CACHE_DIR"] = old
+
+
+def compiled_files(cache) -> set[str]:
+    folder = cache / "compiled"
+    return set(os.listdir(folder)) if folder.is_dir() else set()
+
+
+def _pixels(paths) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
+
+
+def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> tuple[float, float]:
+    """(PSNR in dB, max pixel difference) of the plan's images against the interpreter's, for the
+    same runtime input values (given to the interpreter as overrides)."""
+    overrides = {tuple(k.split(".", 1)): v for k, v in (values or {}).items()}
+    ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
+                       overrides=overrides)
+    loaded = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan")
+    assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
+    a, b = _pixels(ref.saved), _pixels(got.saved)
+    assert a.shape == b.shape
+    mse = float(((a - b) ** 2).mean())
+    return (float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)), float(np.abs(a - b).max())
+
+
+def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> None:
+    """The plan's images against the interpreter's: PSNR >= 60 dB and max pixel difference <= 2."""
+    psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values)
+    assert psnr >= MIN_PSNR_FP32, f"PSNR {psnr:.1f} dB"
+    assert max_diff <= MAX_PIXEL_DIFF, f"max pixel difference {max_diff}"
+
+
+def check_runtime_prompt(workflow, plan_path, tmp_path, models_dir, input_dir) -> None:
+    """A plan compiled with ``--input 6.text``: its tokenize stage and vocabulary member, images
+    equal to the interpreter's for the default and for a weighted two-chunk prompt, and clear
+    refusals of prompts it cannot take."""
+    plan = load_plan(plan_path)
+    assert [s.kind for s in plan.manifest.stages][:3] == ["tokenize", "module", "sample"]
+    assert VOCABULARY_MEMBER in plan.manifest.members
+    for index, values in enumerate(({"3.seed": 5}, {"6.text": LONG_PROMPT, "3.seed": 6})):
+        assert_parity(workflow, plan, tmp_path / str(index), models_dir, input_dir, values)
+    with pytest.raises(PlanError, match=r"6\.text.*longer than the plan's text stage.*at most 32 chunks"):
+        run_plan(plan, {"6.text": "cat " * 75 * 33}, output_dir=tmp_path / "long")
+    with pytest.raises(PlanError, match=r"6\.text.*textual-inversion embeddings.*embedding:style"):
+        run_plan(plan, {"6.text": "a embedding:style cat"}, output_dir=tmp_path / "embedding")
