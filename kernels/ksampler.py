@@ -6,6 +6,7 @@ model's ``process_latent_in`` (or is the all-zero empty latent, which ComfyUI le
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -77,5 +78,35 @@ def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch
         def k_callback(state: dict) -> None:
             callback(state["i"], state["denoised"], state["x"], total_steps)
 
-    samples = get_sampler(sampler_name)(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
+    fused = fused_loop(model, sampler_name, x, denoise_mask, extra_args["model_options"])
+    if fused is not None:
+        samples = fused(model, x, sigmas, extra_args, callback=k_callback)
+    else:
+        samples = get_sampler(sampler_name)(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
     return model.model_sampling.inverse_noise_scaling(sigmas[-1], samples)
+
+
+def fused_loop(model, sampler_name: str, x: torch.Tensor, denoise_mask: torch.Tensor | None,
+               model_options: dict) -> Callable | None:
+    """The fused sampler loop (kiln.kernels.fused) to run instead of the eager sampler, or None.
+
+    Only for a model offering ``predict`` (a compiled plan's denoiser), and only where a Triton
+    kernel would run: on CUDA, or where ``KILN_FUSED=triton`` asks for the kernels anyway (tests
+    run them interpreted on the CPU). Elsewhere the kernels' twins would compute exactly the eager
+    samplers' numbers, so Triton is not even imported. Never with an inpaint mask (the fused loops
+    call the model directly), CFG hooks, KILN_FUSED=off, or a cfg++ sampler for a model whose
+    prediction comes CFG-combined (``combined_prediction``: those loops need the uncond one).
+    """
+    if not hasattr(model, "predict") or denoise_mask is not None:
+        return None
+    if not x.is_cuda and os.environ.get("KILN_FUSED") != "triton":
+        return None
+    from kiln.kernels.fused.dispatch import backend
+    from kiln.kernels.fused.loop import fusable_options
+    from kiln.kernels.fused.samplers import get_fused_sampler
+
+    if backend(x) == "twin" or not fusable_options(model_options):
+        return None
+    if getattr(model, "combined_prediction", False) and "cfg_pp" in sampler_name:
+        return None
+    return get_fused_sampler(sampler_name)

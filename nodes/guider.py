@@ -19,6 +19,7 @@ import torch
 from kiln.kernels.batching import prepare_mask, repeat_to_batch_size, resize_to_batch_size
 from kiln.kernels.cfg import cfg_function, skips_uncond
 from kiln.kernels.ksampler import StepCallback, ksampler_sample
+from kiln.kernels.sdxl import size_options
 from kiln.nodes.resize import common_upscale
 
 # ComfyUI's latent-space value of a black (all-zero pixel) image, per channel: the
@@ -98,11 +99,7 @@ def _prepare_cond(model, tensor: torch.Tensor, d: dict, noise: torch.Tensor, lat
     sigma_start = ms.percent_to_sigma(d["start_percent"]) if "start_percent" in d else None
     sigma_end = ms.percent_to_sigma(d["end_percent"]) if "end_percent" in d else None
 
-    # encode_model_conds: SDXL size conds default to the latent's pixel size.
-    width, height = d.get("width", w * 8), d.get("height", h * 8)
-    y = model.encode_adm(d.get("pooled_output"), width=width, height=height,
-                         crop_w=d.get("crop_w", 0), crop_h=d.get("crop_h", 0),
-                         target_width=d.get("target_width", width), target_height=d.get("target_height", height))
+    y = model.encode_adm(d.get("pooled_output"), **size_options(d, h, w))
     c_concat = None
     if model.in_channels > model.latent_format.channels:
         c_concat = _concat_cond(model, d, noise, latent_image, denoise_mask)

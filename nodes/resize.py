@@ -19,7 +19,7 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_metho
     """Resize NCHW ``samples`` to ``height`` x ``width``; ``crop="center"`` first trims the
     longer side so the aspect ratio matches the target (no letterboxing, no stretching)."""
     if crop == "center":
-        samples = _center_crop_to_aspect(samples, width, height)
+        samples = center_crop_to_aspect(samples, width, height)
     if upscale_method == "bislerp":
         return bislerp(samples, width, height)
     if upscale_method == "lanczos":
@@ -27,7 +27,7 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_metho
     return F.interpolate(samples, size=(height, width), mode=upscale_method)
 
 
-def _center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     old_h, old_w = samples.shape[-2], samples.shape[-1]
     old_aspect = old_w / old_h
     new_aspect = width / height

@@ -23,20 +23,22 @@ def pack_tokens(chunks: list[list[tuple[int, float]]]) -> torch.Tensor:
     return torch.tensor([[[float(t), float(w)] for t, w in chunk] for chunk in chunks], dtype=torch.float64)
 
 
-def tokenize_prompt(text: str, bpe: ClipBpe, pad_token: int, max_chunks: int, input_name: str) -> torch.Tensor:
-    """ComfyUI's weighted, chunked tokens of ``text`` (packed); PlanError naming the input when the
-    prompt uses an embedding or needs more 75-token chunks than the plan was compiled for."""
+def tokenize_prompt(text: str, bpe: ClipBpe, pad_tokens: list[int], max_chunks: int, input_name: str
+                    ) -> torch.Tensor:
+    """ComfyUI's weighted, chunked tokens of ``text`` for each text encoder (they differ only in
+    the pad token), packed and stacked: float64 [encoders, chunks, 77, 2]. PlanError naming the
+    input when the prompt uses an embedding or needs more chunks than the plan was compiled for."""
     def no_embeddings(name: str):
         raise PlanError("invalid_input", "a runtime prompt cannot use textual-inversion embeddings (plans do not "
                         "carry the embeddings folders)", input_name=input_name,
                         expected="a prompt without 'embedding:'", found=f"{EMBEDDING_PREFIX}{name.split()[0]}")
 
-    chunks = tokenize_with_weights(text, bpe.encode_words, pad_token, no_embeddings)
-    if len(chunks) > max_chunks:
+    per_encoder = [tokenize_with_weights(text, bpe.encode_words, pad, no_embeddings) for pad in pad_tokens]
+    count = len(per_encoder[0])
+    if count > max_chunks:
         raise PlanError("invalid_input", "the prompt is longer than the plan's text stage takes", input_name=input_name,
-                        expected=f"at most {max_chunks} chunks of {MAX_LENGTH - 2} tokens",
-                        found=f"{len(chunks)} chunks")
-    return pack_tokens(chunks)
+                        expected=f"at most {max_chunks} chunks of {MAX_LENGTH - 2} tokens", found=f"{count} chunks")
+    return torch.stack([pack_tokens(chunks) for chunks in per_encoder])
 
 
 def common_length(contexts: list[torch.Tensor], max_tokens: int, where: str) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from kiln.kernels.model_sampling import LatentFormat, ModelSamplingDiscrete
 from kiln.kernels.noise import prepare_noise
 from kiln.kernels.samplers import SAMPLER_NAMES
 from kiln.kernels.schedules import SCHEDULER_NAMES, advanced_sigmas, ksampler_sigmas
+from kiln.kernels.sdxl import sdxl_vector, size_options
 from kiln.runtime.errors import PlanError
 from kiln.runtime.images import write_pngs
 from kiln.runtime.manifest import RUNTIME_INPUT_PREFIX, Manifest, StageSpec, input_env_name
@@ -31,14 +32,15 @@ from kiln.runtime.prompts import common_length, tokenize_prompt
 # (stage-local tensor inputs required, optional ones, settings: input or param)
 _SAMPLE_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg", "seed", "prediction", "scale_factor", "advanced")
 _SIGNATURES: dict[str, tuple[tuple, tuple, tuple]] = {
-    "tokenize": ((), (), ("text", "pad_token", "max_chunks", "vocabulary")),
-    "sample": (("latent", "cond_context", "uncond_context"), ("cond_y", "uncond_y", "noise_mask"),
+    "tokenize": ((), (), ("text", "pad_tokens", "max_chunks", "vocabulary")),
+    "sample": (("latent", "cond_context", "uncond_context"), ("cond_pooled", "uncond_pooled", "noise_mask"),
                _SAMPLE_SETTINGS),
     "module": ((), (), ()),
     "save_image": (("images",), (), ("filename_prefix",)),
     "empty_latent": ((), (), ("width", "height", "batch_size", "channels")),
 }
-_OUTPUTS = {"tokenize": ("tokens",), "sample": ("samples",), "save_image": (), "empty_latent": ("samples",)}   # module: any
+# Outputs per kind (module: any).
+_OUTPUTS = {"tokenize": ("tokens",), "sample": ("samples",), "save_image": (), "empty_latent": ("samples",)}
 _SIMPLE_SAMPLER = ("denoise",)
 _ADVANCED_SAMPLER = ("add_noise", "start_at_step", "end_at_step", "return_with_leftover_noise")
 _ENABLE = ("enable", "disable")   # KSamplerAdvanced's widget values, kept as ComfyUI spells them
@@ -75,8 +77,10 @@ def check_stage(stage: StageSpec) -> None:
     if stage.kind == "module" and not stage.outputs:
         raise PlanError("invalid_plan", f"{stage.describe()} has no outputs")
     if stage.kind == "sample":
-        if ("cond_y" in stage.inputs) != ("uncond_y" in stage.inputs):
-            raise PlanError("invalid_plan", f"{stage.describe()} has only one of cond_y / uncond_y")
+        pooled = [name for name in ("cond_pooled", "uncond_pooled") if name in stage.inputs]
+        if pooled and (len(pooled) == 1 or not isinstance(stage.params.get("sdxl"), dict)):
+            raise PlanError("invalid_plan", f"{stage.describe()} needs cond_pooled, uncond_pooled and the sdxl "
+                            "param together")
         _check_choice(stage, "sampler_name", SAMPLER_NAMES)
         _check_choice(stage, "scheduler", SCHEDULER_NAMES)
         for name in ("add_noise", "return_with_leftover_noise"):
@@ -117,7 +121,7 @@ def _tokenize(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict
     source = stage.inputs.get("text", "")
     input_name = source[len(RUNTIME_INPUT_PREFIX):] if source.startswith(RUNTIME_INPUT_PREFIX) else "text"
     tokens = tokenize_prompt(str(_setting(stage, args, "text")), ctx.tokenizers[stage.params["vocabulary"]],
-                             int(stage.params["pad_token"]), int(stage.params["max_chunks"]), input_name)
+                             [int(t) for t in stage.params["pad_tokens"]], int(stage.params["max_chunks"]), input_name)
     return {"tokens": tokens}
 
 
@@ -128,14 +132,19 @@ class CompiledDenoiser:
 
     ``sampler_post_cfg_function`` hooks (the cfg++ samplers' uncond capture) run here, on the
     returned pair, as ComfyUI's cfg_function runs them; hooks get every argument but
-    ``cond_denoised``, which the compiled module does not return.
+    ``cond_denoised``, which the compiled module does not return. ``predict`` serves the fused
+    sampler loops (kiln.kernels.fused) on CUDA: the CFG combine is already fused into the
+    compiled module, so it hands back the combined prediction and no uncond.
     """
+
+    combined_prediction = True
 
     def __init__(self, run: Callable[..., list[torch.Tensor]], model_sampling: ModelSamplingDiscrete,
                  conds: list[torch.Tensor], cfg: float, device: torch.device):
         self._run = run
         self.model_sampling = model_sampling
-        self._conds = conds   # cond_context, uncond_context[, cond_y, uncond_y]
+        self.cfg = cfg
+        self._conds = conds   # cond_context, uncond_context[, cond_y, uncond_y] (SDXL)
         self._cfg = torch.tensor(cfg, dtype=torch.float32, device=device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None,
@@ -146,6 +155,10 @@ class CompiledDenoiser:
             denoised = hook({"denoised": denoised, "uncond_denoised": uncond_denoised, "sigma": sigma,
                              "model_options": options, "input": x})
         return denoised
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
+        denoised, _ = self._run(x, sigma, *self._conds[:2], self._cfg, *self._conds[2:])
+        return denoised, None
 
 
 def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
@@ -178,8 +191,10 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     denoise_mask = None if mask is None else prepare_mask(mask, x0.shape).to(device)
     if torch.count_nonzero(x0) > 0:   # ComfyUI leaves the empty latent unscaled
         x0 = latent_format.process_in(x0)
-    conds = [args[name].to(device) for name in ("cond_context", "uncond_context", "cond_y", "uncond_y")
-             if name in args]
+    conds = [args[name].to(device) for name in ("cond_context", "uncond_context")]
+    if "sdxl" in stage.params:   # y from each side's pooled text and the sizes of this latent
+        conds += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
+                  for side in ("cond", "uncond")]
     if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
         conds[:2] = common_length(conds[:2], int(stage.params["max_context_tokens"]), stage.describe())
     model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device)
@@ -192,6 +207,13 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     samples = ksampler_sample(model, sampler_name, sigmas, noise, x0, seed=seed, denoise_mask=denoise_mask,
                               callback=callback, model_options={})
     return {"samples": latent_format.process_out(samples.to(torch.float32)).cpu()}
+
+
+def sdxl_y(params: dict, side: str, pooled: torch.Tensor, latent_shape) -> torch.Tensor:
+    """SDXL's ``y`` for one side of a sample stage: ``params["<side>_options"]`` (constant size
+    options of the conditioning entry) over the latent's size, as the interpreter's guider."""
+    sizes = size_options(params[f"{side}_options"], latent_shape[-2], latent_shape[-1])
+    return sdxl_vector(pooled.float(), sizes, int(params["embed_dim"]))
 
 
 # --- module, save_image, empty_latent ----------------------------------------------------
@@ -227,5 +249,6 @@ def _empty_latent(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> 
 
 
 _EXECUTORS: dict[str, Callable[[StageSpec, dict[str, Any], StageContext], dict[str, Any]]] = {
-    "tokenize": _tokenize, "sample": _sample, "module": _module, "save_image": _save_image, "empty_latent": _empty_latent,
+    "tokenize": _tokenize, "sample": _sample, "module": _module, "save_image": _save_image,
+    "empty_latent": _empty_latent,
 }

@@ -60,8 +60,13 @@ def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> tup
 
 
 def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> None:
-    """The plan's images against the interpreter's: PSNR >= 60 dB and max pixel difference <= 2."""
+    """The plan's images against the interpreter's: PSNR >= 60 dB and max pixel difference <= 2.
+    With KILN_PARITY_LOG set, each measurement is appended there (figures for notes)."""
     psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values)
+    if os.environ.get("KILN_PARITY_LOG"):
+        with open(os.environ["KILN_PARITY_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{psnr:.1f} dB\t"
+                      f"max diff {max_diff:g}\n")
     assert psnr >= MIN_PSNR_FP32, f"PSNR {psnr:.1f} dB"
     assert max_diff <= MAX_PIXEL_DIFF, f"max pixel difference {max_diff}"
 

@@ -315,3 +315,85 @@ def test_benchmark_measurements_run_on_cpu_twins():
     assert {r["family"] for r in kernels} == set(FAMILIES)
     # euler with uncond and noise reads x, cond, uncond, noise and writes x_next: 5 tensors of 2*4*8*8 fp32
     assert next(r["bytes"] for r in kernels if r["family"] == "euler") == 5 * 2 * 4 * 8 * 8 * 4
+
+
+# --- plans: the runtime's sampler loop picks the fused kernels ------------------------------
+class CombinedToy:
+    """A compiled plan's denoiser in miniature (kiln.runtime.stages.CompiledDenoiser): ``predict``
+    hands back the already CFG-combined prediction and no uncond."""
+
+    combined_prediction = True
+
+    def __init__(self):
+        self.toy = ToyDenoiser()
+        self.model_sampling, self.cfg = self.toy.model_sampling, self.toy.cfg
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.toy(x, sigma, **kwargs)
+
+    def predict(self, x, sigma, **kwargs):
+        return self.toy(x, sigma, **kwargs), None
+
+
+def _count_launches(monkeypatch) -> list[str]:
+    """The families of the Triton kernels launched from now on (the list fills as they run)."""
+    launches = []
+    real_launch = dispatch.launch_triton
+    monkeypatch.setattr(dispatch, "launch_triton", lambda *a, **k: launches.append(a[0].name) or real_launch(*a, **k))
+    return launches
+
+
+def _plan_sampling(name: str, monkeypatch, *, env: str | None = "triton", mode: str = "triton", mask: bool = False):
+    """(samples, Triton launches) of kiln.kernels.ksampler_sample as a plan's sample stage runs it."""
+    from kiln.kernels.ksampler import ksampler_sample
+
+    if env is None:
+        monkeypatch.delenv("KILN_FUSED", raising=False)
+    else:
+        monkeypatch.setenv("KILN_FUSED", env)
+    launches = _count_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    noise, latent = torch.randn(2, 4, 5, 6, generator=gen), torch.randn(2, 4, 5, 6, generator=gen)
+    denoise_mask = (torch.rand(2, 4, 5, 6, generator=gen) > 0.5).float() if mask else None
+    sigmas = karras(ToyDenoiser().model_sampling, 6)
+    with dispatch.mode(mode):
+        out = ksampler_sample(CombinedToy(), name, sigmas, noise, latent, seed=4, denoise_mask=denoise_mask)
+    return out, launches
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "heun"])
+def test_plan_sampling_runs_the_fused_kernels(name, monkeypatch):
+    fused, launches = _plan_sampling(name, monkeypatch)
+    eager, none = _plan_sampling(name, monkeypatch, env=None)
+    assert launches and not none
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, case", [("euler_cfg_pp", "cfg++ needs the uncond prediction"),
+                                        ("euler", "inpaint mask"), ("dpm_adaptive", "no fused loop"),
+                                        ("euler", "KILN_FUSED=off")])
+def test_plan_sampling_falls_back_to_eager(name, case, monkeypatch):
+    mode = "off" if case == "KILN_FUSED=off" else "triton"
+    _, launches = _plan_sampling(name, monkeypatch, mode=mode, mask=case == "inpaint mask")
+    assert launches == []
+
+
+def test_a_plan_runs_its_sampler_stages_with_the_kernels(request, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from kiln.runtime.executor import run_plan
+    from kiln.runtime.plan import load_plan
+    from test_plan_format import tiny_artifacts, write_plan
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    artifacts = tiny_artifacts(Path(request.config.cache.mkdir("kiln-tiny-aoti")))
+    plan = load_plan(write_plan(tmp_path / "x.plan", artifacts))
+    eager = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "eager").saved
+    launches = _count_launches(monkeypatch)
+    monkeypatch.setenv("KILN_FUSED", "triton")
+    with dispatch.mode("triton"):
+        fused = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "fused").saved
+    assert launches
+    a, b = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (eager, fused))
+    assert np.abs(a - b).max() <= 1

@@ -17,8 +17,8 @@ from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
 from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
-from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files
-from workflows import hires_fix, img2img, txt2img
+from plan_parity import LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files
+from workflows import HIRES_VARIANTS, hires_fix, img2img, txt2img
 
 from kiln.cli import main
 
@@ -63,6 +63,12 @@ def test_img2img_onnx_plan_matches_interpreter(compile_onnx, tmp_path, models_di
 
 def test_hires_fix_onnx_plan_matches_interpreter(hires_plan, tmp_path, models_dir, input_dir):
     assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
+
+
+@pytest.mark.parametrize("name", list(HIRES_VARIANTS))
+def test_hires_variant_matches_interpreter(compile_onnx, name, tmp_path, models_dir, input_dir):
+    workflow = HIRES_VARIANTS[name]()
+    assert_parity(workflow, compile_onnx(name, workflow), tmp_path, models_dir, input_dir)
 
 
 def test_declared_sizes_run_without_reexport(t2i_plan, onnx_cache, tmp_path, models_dir, input_dir):
@@ -161,3 +167,12 @@ def _retarget(source, dest, **target):
 
 def test_runtime_prompt(compile_onnx, tmp_path, models_dir, input_dir):
     check_runtime_prompt(txt2img(), compile_onnx("text", txt2img(), ["6.text"]), tmp_path, models_dir, input_dir)
+
+
+def test_sdxl_runtime_prompt_and_size(compile_onnx, tmp_path, models_dir, input_dir):
+    """SDXL: both text encoders run at run time and ``y`` follows the prompt's pooled output and the
+    latent's runtime size."""
+    workflow = txt2img("tiny-sdxl.safetensors")
+    plan = load_plan(compile_onnx("sdxl-text", workflow, ["6.text", "5.width=64..96"]))
+    for index, values in enumerate(({}, {"6.text": LONG_PROMPT, "5.width": 96, "3.seed": 2})):
+        assert_parity(workflow, plan, tmp_path / str(index), models_dir, input_dir, values)

@@ -141,7 +141,7 @@ def test_a_runtime_prompt_keeps_its_encoder_and_the_clip(models_dir):
     assert c.dropped_models == ()
     tokenize, encode, sample = c.stages[:3]
     assert (tokenize.name, tokenize.kind, tokenize.inputs) == ("tokenize_6", "tokenize", {"text": "in.6.text"})
-    assert tokenize.outputs == {"tokens": "6.text.tokens"} and tokenize.params == {"pad_token": 49407}
+    assert tokenize.outputs == {"tokens": "6.text.tokens"} and tokenize.params == {"pad_tokens": [49407]}
     assert (encode.name, encode.kind, encode.inputs) == ("module_6", "module", {"6.text": "6.text.tokens"})
     assert encode.outputs == {"6.0.0.cond": "6.0.0.cond"}   # SD1 reads no pooled output
     assert sample.inputs["cond_context"] == "6.0.0.cond"
@@ -152,16 +152,21 @@ def test_a_runtime_prompt_pads_as_its_encoder(models_dir):
     """OpenCLIP (SD2) pads with 0, not EOS: the tokenize stage carries the encoder's pad token."""
     workflow = variant(txt2img(), "4", ckpt_name="tiny-sd2-v.safetensors")
     c = passes_until(workflow, "partition_stages", models_dir, inputs=["6.text"])
-    assert c.stages[0].params == {"pad_token": 0}
+    assert c.stages[0].params == {"pad_tokens": [0]}
 
 
-@pytest.mark.parametrize("ckpt, text, message", [
-    ("tiny-sdxl.safetensors", "a fox", r"node 6 \(CLIPTextEncode.*'clip'.*one-encoder CLIP.*found 2 \(sdxl\)"),
-    ("tiny-sd15.safetensors", "a embedding:style fox", r"node 6 \(CLIPTextEncode.*'text'.*embeddings"),
-])
-def test_runtime_prompts_it_cannot_take_are_refused(models_dir, ckpt, text, message):
-    workflow = variant(variant(txt2img(), "4", ckpt_name=ckpt), "6", text=text)
-    with pytest.raises(KilnError, match=message):
+def test_an_sdxl_runtime_prompt_tokenizes_for_both_encoders(models_dir):
+    """CLIP-L pads with EOS, CLIP-G with 0; the sampler reads the pooled output the text stage computes."""
+    c = passes_until(txt2img("tiny-sdxl.safetensors"), "partition_stages", models_dir, inputs=["6.text"])
+    tokenize, encode, sample = c.stages[:3]
+    assert tokenize.params == {"pad_tokens": [0, 49407]} and list(c.handles["4"][1].encoders) == ["g", "l"]
+    assert set(encode.outputs) == {"6.0.0.cond", "6.0.0.pooled_output"}
+    assert sample.inputs["cond_pooled"] == "6.0.0.pooled_output"
+
+
+def test_an_embedding_in_a_runtime_prompt_is_refused(models_dir):
+    workflow = variant(txt2img(), "6", text="a embedding:style fox")
+    with pytest.raises(KilnError, match=r"node 6 \(CLIPTextEncode.*'text'.*embeddings"):
         passes_until(workflow, "partition_stages", models_dir, inputs=["6.text"])
 
 
@@ -247,15 +252,20 @@ def test_advanced_sampler_params_and_runtime_steps(models_dir):
                              "return_with_leftover_noise": "enable", "prediction": "eps", "scale_factor": 0.18215}
 
 
-def test_sdxl_size_conditioning_is_a_constant(models_dir):
+def test_sdxl_samplers_get_pooled_text_and_size_options(models_dir):
+    """The runtime builds ``y`` from the pooled text and the latent's size (sizes may be inputs);
+    the y it builds equals the interpreter's encode_adm."""
+    from kiln.runtime.stages import sdxl_y
+
     c = passes_until(txt2img("tiny-sdxl.safetensors", width=64, height=72), "fuse_stages", models_dir)
     sample = c.stages[0]
-    assert sample.inputs["cond_y"] == "const.3.positive.y" and sample.inputs["uncond_y"] == "const.3.negative.y"
-    model = c.handles["4"][0]
-    pooled = passes_until(txt2img("tiny-sdxl.safetensors"), "fold_constants", models_dir).constants[
-        "const.6.0.0.pooled_output"]
-    expected = model.encode_adm(pooled, width=64, height=72, crop_w=0, crop_h=0, target_width=64, target_height=72)
-    assert torch.equal(c.constants["const.3.positive.y"], expected)
+    assert sample.inputs["cond_pooled"] == "const.6.0.0.pooled_output"
+    assert sample.inputs["uncond_pooled"] == "const.7.0.0.pooled_output"
+    assert sample.params["sdxl"] == {"embed_dim": 32, "cond_options": {}, "uncond_options": {}}
+    pooled = c.constants["const.6.0.0.pooled_output"]
+    expected = c.handles["4"][0].encode_adm(pooled, width=64, height=72, crop_w=0, crop_h=0, target_width=64,
+                                            target_height=72)
+    assert torch.equal(sdxl_y(sample.params["sdxl"], "cond", pooled, (1, 4, 9, 8)), expected)
 
 
 @pytest.mark.parametrize("change,inputs,words", [

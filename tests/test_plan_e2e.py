@@ -21,7 +21,7 @@ from plan_parity import (
     check_runtime_prompt,
     compiled_files,
 )
-from workflows import hires_fix, img2img, txt2img, variant
+from workflows import HIRES_VARIANTS, hires_fix, img2img, latent_hires, txt2img, variant
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +108,12 @@ def test_hires_fix_plan_matches_interpreter(hires_plan, tmp_path, models_dir, in
     assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 
 
+@pytest.mark.parametrize("name", list(HIRES_VARIANTS))
+def test_hires_variant_matches_interpreter(compile_plan, name, tmp_path, models_dir, input_dir):
+    workflow = HIRES_VARIANTS[name]()
+    assert_parity(workflow, compile_plan(name, workflow), tmp_path, models_dir, input_dir)
+
+
 def test_hires_fix_fuses_and_shares(hires_compile):
     plan, compiled = hires_compile
     assert len(compiled) == 1
@@ -151,16 +157,22 @@ def test_inspect_shows_folding(hires_plan):
 
 
 # --- refusals at compile time ----------------------------------------------------------------
-def test_upscale_beyond_one_tile_is_refused(compile_plan):
-    workflow = variant(hires_fix(), "5", width=576, height=576)
-    with pytest.raises(KilnError, match=r"node 11 \(ImageUpscaleWithModel.*512x512.*576 x 576"):
-        compile_plan("too-big", workflow)
+def test_tiled_upscale_needs_a_constant_size(compile_plan):
+    with pytest.raises(KilnError, match=r"node 11 \(ImageUpscaleWithModel.*in tiles, which needs concrete sizes"
+                                        r".*sizes are runtime inputs \(5\.width=64\.\.576\)"):
+        compile_plan("tiled-range", hires_fix(), ["5.width=64..576"])
 
 
-def test_lanczos_is_refused(compile_plan):
+def test_lanczos_on_latents_is_refused(compile_plan):
+    workflow = latent_hires("lanczos")
+    with pytest.raises(KilnError, match=r"node 16 \(LatentUpscaleBy.*'lanczos' method cannot be compiled for latents"):
+        compile_plan("lanczos-latent", workflow)
+
+
+def test_lanczos_needs_a_constant_size(compile_plan):
     workflow = variant(hires_fix(), "12", upscale_method="lanczos")
-    with pytest.raises(KilnError, match=r"node 12 \(ImageScaleBy.*'lanczos' method cannot be compiled"):
-        compile_plan("lanczos", workflow)
+    with pytest.raises(KilnError, match=r"node 12 \(ImageScaleBy.*lanczos filter's weights depend on the sizes"):
+        compile_plan("lanczos-range", workflow, ["5.width=64..128"])
 
 
 # --- a runtime prompt ---------------------------------------------------------------------

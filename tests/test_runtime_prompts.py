@@ -30,22 +30,30 @@ def test_tokens_equal_the_interpreters(models_dir, bpe, ckpt):
     _, clip, _ = load_checkpoint(models_dir / "checkpoints" / ckpt)
     ((key, encoder),) = clip.encoders.items()
     for text in PROMPTS:
-        got = tokenize_prompt(text, bpe, encoder.spec.pad_token, 32, "6.text")
-        assert torch.equal(got, pack_tokens(clip.tokenize(text)[key])), text
+        got = tokenize_prompt(text, bpe, [encoder.spec.pad_token], 32, "6.text")
+        assert torch.equal(got, pack_tokens(clip.tokenize(text)[key])[None]), text
+
+
+def test_sdxl_tokens_per_encoder(models_dir, bpe):
+    _, clip, _ = load_checkpoint(models_dir / "checkpoints" / "tiny-sdxl.safetensors")
+    text = PROMPTS[2]
+    pads = [encoder.spec.pad_token for encoder in clip.encoders.values()]
+    expected = torch.stack([pack_tokens(chunks) for chunks in clip.tokenize(text).values()])
+    assert torch.equal(tokenize_prompt(text, bpe, pads, 32, "6.text"), expected)
 
 
 def test_packed_tokens_keep_ids_and_double_weights(bpe):
-    tokens = tokenize_prompt("a (cat:1.3)", bpe, 49407, 32, "6.text")
-    assert tokens.dtype == torch.float64 and tokens.shape == (1, 77, 2)
-    assert tokens[0, :4, 0].tolist() == [49406, 320, 2368, 49407]
-    assert tokens[0, :4, 1].tolist() == [1.0, 1.0, 1.3, 1.0]
+    tokens = tokenize_prompt("a (cat:1.3)", bpe, [49407], 32, "6.text")
+    assert tokens.dtype == torch.float64 and tokens.shape == (1, 1, 77, 2)
+    assert tokens[0, 0, :4, 0].tolist() == [49406, 320, 2368, 49407]
+    assert tokens[0, 0, :4, 1].tolist() == [1.0, 1.0, 1.3, 1.0]
 
 
 def test_refusals_name_the_input(bpe):
     with pytest.raises(PlanError, match=r"input '6\.text'.*longer than.*at most 2 chunks of 75 tokens.*found 3"):
-        tokenize_prompt("cat " * 200, bpe, 49407, 2, "6.text")
+        tokenize_prompt("cat " * 200, bpe, [49407], 2, "6.text")
     with pytest.raises(PlanError, match=r"input '7\.text'.*textual-inversion.*found embedding:style"):
-        tokenize_prompt("a embedding:style cat", bpe, 49407, 32, "7.text")
+        tokenize_prompt("a embedding:style cat", bpe, [49407], 32, "7.text")
 
 
 def test_common_length_repeats_to_the_lcm():
@@ -70,7 +78,7 @@ def _text_plan(path, vocabulary: bytes | None = None, member: str = VOCABULARY_M
         "inputs": [{"name": "6.text", "node_id": "6", "input_name": "text", "type": "STRING", "default": "a fox"}],
         "stages": [{"name": "tokenize_6", "kind": "tokenize", "node_ids": ["6"], "inputs": {"text": "in.6.text"},
                     "outputs": {"tokens": "6.text.tokens"},
-                    "params": {"pad_token": 0, "max_chunks": 4, "vocabulary": VOCABULARY_MEMBER}}],
+                    "params": {"pad_tokens": [0], "max_chunks": 4, "vocabulary": VOCABULARY_MEMBER}}],
         "folded": [], "dropped_models": []})
 
 

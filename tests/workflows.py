@@ -55,3 +55,28 @@ def variant(workflow: dict, node_id: str, **inputs) -> dict:
     wf = copy.deepcopy(workflow)
     wf[node_id]["inputs"].update(inputs)
     return wf
+
+
+def hires_fix_tiled() -> dict:
+    """HiRes fix whose upscale input (576x64) is wider than one 512 px tile: ComfyUI tiles it."""
+    workflow = variant(hires_fix(), "5", width=576, height=64)
+    return variant(variant(workflow, "3", steps=3), "14", steps=2)
+
+
+def latent_hires(upscale_method: str = "bislerp") -> dict:
+    """HiRes fix in latent space: the first sampler's latent resized by LatentUpscaleBy, sampled again."""
+    workflow = hires_fix()
+    for node_id in ("8", "10", "11", "12", "13"):
+        del workflow[node_id]
+    workflow["16"] = {"class_type": "LatentUpscaleBy",
+                      "inputs": {"samples": ["3", 0], "upscale_method": upscale_method, "scale_by": 1.5}}
+    workflow["14"]["inputs"]["latent_image"] = ["16", 0]
+    return workflow
+
+
+# HiRes fix chains that compile differently from the plain one (plan parity tests of each backend).
+HIRES_VARIANTS = {
+    "tiled": hires_fix_tiled,
+    "lanczos": lambda: variant(hires_fix(), "12", upscale_method="lanczos"),
+    "latent-bislerp": latent_hires,
+}

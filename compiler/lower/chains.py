@@ -15,18 +15,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.utils._sympy.numbers import int_oo
 
 from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Link, Node
+from kiln.compiler.lower.lanczos import pil_lanczos
 from kiln.compiler.stages import StageInput, flatten, unflatten
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
-from kiln.nodes.models.upscale_model import TILE
-from kiln.nodes.resize import common_upscale
+from kiln.nodes.models.upscale_model import OVERLAP, TILE, tiled_scale
+from kiln.nodes.resize import center_crop_to_aspect, common_upscale
 
-# Resize methods that are one F.interpolate call; lanczos round-trips through 8-bit PIL images
-# and bislerp gathers by computed indices, neither of which exports.
+# Resize methods that are one F.interpolate call; those needing concrete sizes: bislerp (the
+# interpreter's gathers by computed indices, exported as is) and lanczos (PIL's 8-bit filter,
+# reproduced in compiler/lower/lanczos.py, for images only).
 INTERPOLATE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+STATIC_METHODS = ("bislerp", "lanczos")
 
 
 class NeedsStaticShapes(Exception):
@@ -44,14 +46,6 @@ def _problem(node: Node, message: str, **kw) -> Problem:
 
 def _is_static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
-
-
-def _describe(size) -> str:
-    """A size, or for a symbolic one the largest value its range allows when that is known."""
-    if isinstance(size, int):
-        return str(size)
-    upper = size.node.shape_env.bound_sympy(size.node.expr).upper
-    return "a runtime size" if upper == int_oo else f"up to {int(upper)}"
 
 
 def scaled_size(size, scale: float, node: Node, what: str):
@@ -117,28 +111,34 @@ class VaeEncode(_Op):
 
 
 class UpscaleWithModel(_Op):
-    """One model call on the whole image: what ComfyUI's tiled_scale does when the image fits
-    in one tile. Larger images (tiled, feathered seams) are refused."""
+    """ImageUpscaleWithModel: one model call when the image fits in one 512 px tile, else
+    ComfyUI's overlapping feathered tiles (the interpreter's ``tiled_scale``, unrolled over the
+    tile positions, so the image size must be concrete)."""
 
     def __init__(self, node: Node, descriptor):
         super().__init__(node)
         self.model = descriptor.model
+        self.scale = descriptor.scale
         self.call = (lambda x: self.model(x)) if descriptor.size_requirements.none else descriptor
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[1], image.shape[2]
-        if not (statically_known_true(height <= TILE) and statically_known_true(width <= TILE)):
-            problem = _problem(self.node, f"compiled plans run the upscale model in one call, which ComfyUI "
-                               f"does only for images up to {TILE}x{TILE} (it tiles larger ones)",
-                               input_name="image", expected=f"at most {TILE}x{TILE} pixels",
-                               found=f"{_describe(width)} x {_describe(height)}")
-            if _is_static(height, width):
-                raise KilnError([problem])
-            raise NeedsStaticShapes(problem)
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        fits = statically_known_true(height <= TILE) and statically_known_true(width <= TILE)
+        if not fits and not _is_static(batch, height, width):
+            raise NeedsStaticShapes(_problem(
+                self.node, f"images larger than {TILE}x{TILE} are upscaled in tiles, which needs concrete sizes",
+                input_name="image", expected=f"at most {TILE}x{TILE} pixels, or a constant size",
+                found="a size set at run time"))
         alpha = None
         if image.shape[-1] == 4:
             image, alpha = image[..., :3], image[..., 3:4]
-        out = torch.clamp(self.call(image.movedim(-1, -3).float()), min=0, max=1.0).movedim(-3, -1)
+        pixels = image.movedim(-1, -3).float()
+        if fits:
+            out = self.call(pixels)
+        else:
+            out = tiled_scale(pixels, self.call, tile=TILE, overlap=OVERLAP, upscale_amount=self.scale,
+                              output_device=pixels.device)
+        out = torch.clamp(out, min=0, max=1.0).movedim(-3, -1)
         if alpha is not None:
             alpha = common_upscale(alpha.movedim(-1, -3).to(out), out.shape[2], out.shape[1], "bilinear", "disabled")
             out = torch.cat((out, alpha.movedim(-3, -1)), dim=-1)
@@ -150,9 +150,12 @@ class Resize(_Op):
 
     def __init__(self, node: Node, method: str, size: Callable[[Any, Any], tuple], crop: str, latent: bool):
         super().__init__(node)
-        if method not in INTERPOLATE_METHODS:
-            raise KilnError([_problem(node, f"the {method!r} method cannot be compiled", input_name="upscale_method",
-                                      expected="one of " + ", ".join(INTERPOLATE_METHODS), found=repr(method))])
+        allowed = (*INTERPOLATE_METHODS, "bislerp") if latent else (*INTERPOLATE_METHODS, *STATIC_METHODS)
+        if method not in allowed:
+            why = " for latents (ComfyUI filters them as premultiplied RGBA PIL images)" if method == "lanczos" else ""
+            raise KilnError([_problem(node, f"the {method!r} method cannot be compiled{why}",
+                                      input_name="upscale_method", expected="one of " + ", ".join(allowed),
+                                      found=repr(method))])
         self.method, self.size, self.crop, self.latent = method, size, crop, latent
 
     def forward(self, **inputs) -> Any:
@@ -165,28 +168,58 @@ class Resize(_Op):
         out_width, out_height = size
         if self.crop == "center" and not _is_static(height, width):
             raise NeedsStaticShapes(_problem(self.node, "a centre crop needs concrete sizes", input_name="crop"))
-        out = common_upscale(samples, out_width, out_height, self.method, self.crop)
+        if self.method in STATIC_METHODS and not _is_static(*samples.shape[-2:], out_width, out_height):
+            raise NeedsStaticShapes(_problem(self.node, f"the {self.method} filter's weights depend on the sizes, "
+                                             "which must be concrete", input_name="upscale_method"))
+        if self.method == "lanczos":
+            out = self._lanczos(samples, out_width, out_height)
+        else:
+            out = common_upscale(samples, out_width, out_height, self.method, self.crop)
         return {**value, "samples": out} if self.latent else out.movedim(1, -1)
+
+    def _lanczos(self, samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        if samples.shape[1] not in (1, 3):
+            raise KilnError([_problem(self.node, "lanczos is compiled for RGB and one-channel images only",
+                                      input_name="image", expected="1 or 3 channels",
+                                      found=f"{samples.shape[1]} channels")])
+        if self.crop == "center":
+            samples = center_crop_to_aspect(samples, width, height)
+        return pil_lanczos(samples, width, height)
 
 
 class ClipTextEncode(_Op):
-    """CLIPTextEncode on a runtime prompt, given as tokens (kiln.runtime.prompts.pack_tokens), for one-encoder
-    CLIPs (SD1, SD2): ComfyUI's ``encode_token_weights``. The empty prompt is always encoded and
-    ``torch.where`` applies the weights, which equals encoding it only when some weight is not 1."""
+    """CLIPTextEncode on a runtime prompt, given as tokens per text encoder
+    (kiln.runtime.prompts.tokenize_prompt): ComfyUI's ``encode_token_weights`` per encoder, and
+    for SDXL CLIP-L and CLIP-G hidden states side by side with CLIP-G's pooled output. The empty
+    prompt is always encoded and ``torch.where`` applies the weights, which equals encoding it
+    only when some weight is not 1."""
 
     def __init__(self, node: Node, clip):
         super().__init__(node)
-        (self.encoder,) = clip.encoders.values()   # partition refuses multi-encoder CLIPs
-        self.layer = self.encoder.resolve_layer(clip.layer_idx)
+        self.keys = list(clip.encoders)
+        self.encoders = nn.ModuleList(clip.encoders.values())
+        self.layers = [encoder.resolve_layer(clip.layer_idx) for encoder in self.encoders]
+        self.sdxl = clip.arch == "sdxl"
 
     def forward(self, text: torch.Tensor) -> list:
-        enc, spec = self.encoder, self.encoder.spec
+        encoded = {key: self._encode(encoder, layer, tokens)
+                   for key, encoder, layer, tokens in zip(self.keys, self.encoders, self.layers, text)}
+        if self.sdxl:
+            cond = torch.cat([encoded["l"][0], encoded["g"][0]], dim=-1)
+            pooled = encoded["g"][1]
+        else:
+            ((cond, pooled),) = encoded.values()
+        return [[cond, {"pooled_output": pooled}]]
+
+    @staticmethod
+    def _encode(enc, layer, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = enc.spec
         ids, weights = text[..., 0].long(), text[..., 1].float().unsqueeze(-1)
         count, length = ids.shape
         empty = torch.full((1, length), spec.pad_token, dtype=ids.dtype, device=ids.device)
         empty[0, 0], empty[0, 1] = BOS_TOKEN, EOS_TOKEN
-        last, hidden, pooled, projected = enc(torch.cat([ids, empty]), self.layer)
-        if self.layer is None:
+        last, hidden, pooled, projected = enc(torch.cat([ids, empty]), layer)
+        if layer is None:
             z = last
         else:
             z = enc.model.text_model.final_layer_norm(hidden) if spec.norm_hidden else hidden
@@ -194,7 +227,7 @@ class ClipTextEncode(_Op):
         chunks, z_empty = z[:count], z[count:]
         chunks = torch.where(weights != 1.0, (chunks - z_empty) * weights + z_empty, chunks)
         pooled = (projected if spec.projected_pooled else pooled)[0:1].float()
-        return [[chunks.reshape(1, count * length, -1), {"pooled_output": pooled}]]
+        return chunks.reshape(1, count * length, -1), pooled
 
 
 class ToUint8(_Op):

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch._dynamo.exc import UserError
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.lower.cache import compiled_artifact
@@ -28,6 +29,7 @@ from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compi
 from kiln.compiler.stages import RuntimeInput, Stage, StagedProgram
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clip_merge_file
 from kiln.runtime.prompts import VOCABULARY_MEMBER, pack_tokens
+from kiln.runtime.stages import sdxl_y
 from kiln.runtime.writer import PlanWriter
 
 Progress = Callable[[str, int, int], None]
@@ -128,7 +130,8 @@ class _Walks:
         empty_chunk = [(BOS_TOKEN, 1.0)] + [(EOS_TOKEN, 1.0)] * (TOKENS_PER_CHUNK - 1)
         for stage in self.program.stages:
             if stage.kind == "tokenize":
-                env[stage.outputs["tokens"]] = pack_tokens([empty_chunk] * 2)
+                chunks = pack_tokens([empty_chunk] * 2)
+                env[stage.outputs["tokens"]] = torch.stack([chunks] * len(stage.params["pad_tokens"]))
             elif stage.kind == "empty_latent":
                 value = {k: int(env[v]) if v in env else None for k, v in stage.inputs.items()}
                 setting = lambda k: value[k] if value.get(k) is not None else stage.params[k]  # noqa: E731
@@ -156,15 +159,16 @@ def _input_tensor(i: RuntimeInput, value) -> torch.Tensor:
 
 def _fake_run(module: torch.nn.Module, args: list[torch.Tensor]) -> tuple:
     """Output shapes/dtypes without computing anything (also runs each op's size checks)."""
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        return tuple(module(*[mode.from_tensor(a) for a in args]))
+    # A shape environment lets data-dependent ops (bislerp's masked writes) trace with unbacked sizes.
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode, torch.no_grad():
+        return tuple(module(*[mode.from_tensor(a, static_shapes=True) for a in args]))
 
 
 # --- per-stage arguments and export --------------------------------------------------------
 def _free_dims(name: str, tensor: torch.Tensor, walks: _Walks) -> dict[int, tuple[int, int]]:
     """Batch and spatial dims of a LATENT (NCHW) or IMAGE/MASK (N,H,W[,C]) value, chunks of a prompt."""
     if name in walks.text_inputs:
-        return {0: CHUNK_RANGE}
+        return {1: CHUNK_RANGE}
     if name.endswith(".samples") and tensor.ndim == 4:
         return {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
     if name.endswith(".value") and tensor.ndim in (3, 4) and tensor.is_floating_point():
@@ -174,7 +178,7 @@ def _free_dims(name: str, tensor: torch.Tensor, walks: _Walks) -> dict[int, tupl
 
 def _required(name: str, walks: _Walks) -> dict[int, tuple[int, int]]:
     """Dims that must stay dynamic: those the size inputs drive, a runtime prompt's chunk count."""
-    return {0: CHUNK_RANGE} if name in walks.text_inputs else walks.driven(name)
+    return {1: CHUNK_RANGE} if name in walks.text_inputs else walks.driven(name)
 
 
 def _arg(example: torch.Tensor, free: dict[int, tuple[int, int]], required: dict[int, tuple[int, int]],
@@ -206,7 +210,9 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
     cfg = stage.inputs.get("cfg")
     args = [x, sigma] + _context_args(stage, env, walks.program.constants)
     args.append(ArgSpec(env[cfg].float() if cfg else torch.tensor(float(stage.params["cfg"])), {}, {}))
-    args += [ArgSpec(env[stage.inputs[k]], {}, {}) for k in ("cond_y", "uncond_y") if k in stage.inputs]
+    if "sdxl" in stage.params:
+        args += [ArgSpec(sdxl_y(stage.params["sdxl"], side, env[stage.inputs[f"{side}_pooled"]], shape), {}, {})
+                 for side in ("cond", "uncond")]
     labels = ["latent", "sigma", "cond_context", "uncond_context", "cfg", "cond_y", "uncond_y"]
     return args, labels[:len(args)]
 

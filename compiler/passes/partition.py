@@ -9,6 +9,7 @@ from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Link, Node
 from kiln.compiler.stages import MODEL_TYPES, TO_UINT8, Compilation, EnvValue, RuntimeInput, Stage, node_def
 from kiln.kernels.prompt_syntax import EMBEDDING_PREFIX
+from kiln.kernels.sdxl import SIZE_OPTIONS
 from kiln.nodes import registry
 
 # Widgets a run-time node may take as runtime inputs -> their stage-local names.
@@ -35,8 +36,8 @@ SAMPLERS = ("KSampler", "KSamplerAdvanced")
 RUNTIME_NODES = (*SAMPLERS, "EmptyLatentImage", "SaveImage", *MODULE_OUTPUTS)
 # EmptyLatentImage always makes 4 channels; the sampler widens an empty latent for other models.
 EMPTY_LATENT_CHANNELS = 4
-# SDXL conditioning options that only feed its size embedding (computed at compile time).
-SDXL_SIZE_OPTIONS = frozenset({"width", "height", "crop_w", "crop_h", "target_width", "target_height"})
+# SDXL conditioning options that only feed its size embedding (the runtime builds ``y``).
+SDXL_SIZE_OPTIONS = frozenset(SIZE_OPTIONS)
 
 
 def partition_stages(c: Compilation) -> Compilation:
@@ -153,14 +154,21 @@ class _Partition:
         inputs = {"latent": latent.fields["samples"]}
         if "noise_mask" in latent.fields:
             inputs["noise_mask"] = latent.fields["noise_mask"]
+        sdxl = {}
         for side, local in (("positive", "cond"), ("negative", "uncond")):
             cond = self._single_entry(node, side, model)
             inputs[f"{local}_context"] = cond.fields["0.cond"]
             if model.arch == "sdxl":
-                inputs[f"{local}_y"] = self._sdxl_y(node, side, model, cond, latent)
+                if "0.pooled_output" not in cond.fields:
+                    self._refuse(node, side, "SDXL conditioning needs a pooled output", "pooled_output",
+                                 "conditioning without one")
+                inputs[f"{local}_pooled"] = cond.fields["0.pooled_output"]
+                sdxl[f"{local}_options"] = dict(cond.meta[0])
         widgets, runtime = self._widgets(node)
         params = {"advanced": node.class_type == "KSamplerAdvanced", **widgets,
                   "prediction": model.model_sampling.prediction, "scale_factor": model.latent_format.scale_factor}
+        if sdxl:
+            params["sdxl"] = {"embed_dim": model.info.adm_embed_dim, **sdxl}
         if (latent.meta or {}).get("batch_index") is not None:
             params["batch_index"] = list(latent.meta["batch_index"])
         out = f"{node.id}.0.samples"
@@ -179,23 +187,6 @@ class _Partition:
                          "(no ConditioningCombine, areas, masks or timestep ranges)",
                          "one entry with cond and pooled_output", found)
         return cond
-
-    def _sdxl_y(self, node: Node, side: str, model, cond: EnvValue, latent: EnvValue) -> str:
-        """SDXL's ``y`` (pooled text + size embeddings) as a constant, from a folded prompt and latent."""
-        pooled = self.c.constants.get(cond.fields.get("0.pooled_output", ""))
-        samples = self.c.constants.get(latent.fields["samples"])
-        if pooled is None or samples is None:
-            self._refuse(node, side, "SDXL's size conditioning is computed at compile time, so its prompt "
-                         "and latent size must be constants", "constant conditioning and latent",
-                         "a runtime prompt or latent")
-        options = cond.meta[0]
-        width, height = options.get("width", samples.shape[-1] * 8), options.get("height", samples.shape[-2] * 8)
-        y = model.encode_adm(pooled, width=width, height=height, crop_w=options.get("crop_w", 0),
-                             crop_h=options.get("crop_h", 0), target_width=options.get("target_width", width),
-                             target_height=options.get("target_height", height))
-        name = f"const.{node.id}.{side}.y"
-        self.constants[name] = y.detach().to("cpu", copy=True).contiguous()
-        return name
 
     def _empty_latent(self, node: Node) -> None:
         widgets, runtime = self._widgets(node)
@@ -233,20 +224,18 @@ class _Partition:
         self.values[Link(node.id, 0)] = EnvValue(out_type, fields, meta)
 
     def _tokenize(self, node: Node, text_env: str) -> str:
-        """A ``tokenize`` stage for CLIPTextEncode's runtime prompt; returns the tokens' env name."""
+        """A ``tokenize`` stage for CLIPTextEncode's runtime prompt (tokens for each of the CLIP's
+        encoders, which differ only in padding); returns the tokens' env name."""
         clip = self._handle(node.inputs["clip"])
-        if len(clip.encoders) != 1:
-            self._refuse(node, "clip", "a runtime prompt needs a one-encoder CLIP (SD1, SD2)", "1 text encoder",
-                         f"{len(clip.encoders)} ({clip.arch})")
         default = self.inputs[(node.id, "text")].default
         if EMBEDDING_PREFIX in default:
             self._refuse(node, "text", "a runtime prompt cannot use textual-inversion embeddings (the plan "
                          "tokenizes it without the embeddings folders)", "a prompt without 'embedding:'",
                          repr(default))
-        (encoder,) = clip.encoders.values()
         tokens = f"{node.id}.text.tokens"
+        pad_tokens = [encoder.spec.pad_token for encoder in clip.encoders.values()]
         self.stages.append(Stage(f"tokenize_{node.id}", "tokenize", [node.id], {"text": text_env},
-                                 {"tokens": tokens}, {"pad_token": encoder.spec.pad_token}))
+                                 {"tokens": tokens}, {"pad_tokens": pad_tokens}))
         return tokens
 
     def _tensor_inputs(self, node: Node) -> dict[str, str]:

@@ -8,22 +8,14 @@ the same Linear-SiLU-Linear added to the same place, so kiln uses it and passes 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from kiln.kernels.model_sampling import ModelSamplingDiscrete
+from kiln.kernels.sdxl import sdxl_vector
 from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """ComfyUI's sinusoidal embedding ``cat([cos, sin])`` (``diffusionmodules/util.py``), float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def _level_depths(per_block: tuple[int, ...], blocks_per_level: int, levels: int) -> list[list[int]]:
@@ -149,10 +141,9 @@ class DiffusionModel(torch.nn.Module):
             return None
         if pooled_output is None:
             raise ValueError("SDXL conditioning needs a pooled_output")
-        sizes = torch.tensor([height, width, crop_h, crop_w, target_height, target_width], dtype=torch.float32)
-        flat = timestep_embedding(sizes, self.info.adm_embed_dim).flatten().unsqueeze(0)
-        flat = flat.repeat(pooled_output.shape[0], 1)
-        return torch.cat((pooled_output.to(flat.device), flat), dim=1)
+        sizes = {"height": height, "width": width, "crop_h": crop_h, "crop_w": crop_w,
+                 "target_height": target_height, "target_width": target_width}
+        return sdxl_vector(pooled_output, sizes, self.info.adm_embed_dim)
 
 
 def build_diffusion_model(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
