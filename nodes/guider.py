@@ -18,13 +18,11 @@ import torch
 
 from kiln.kernels.batching import prepare_mask, repeat_to_batch_size, resize_to_batch_size
 from kiln.kernels.cfg import cfg_function, skips_uncond
+from kiln.kernels.inpaint import concat_cond
 from kiln.kernels.ksampler import StepCallback, ksampler_sample
 from kiln.kernels.sdxl import size_options
 from kiln.nodes.resize import common_upscale
 
-# ComfyUI's latent-space value of a black (all-zero pixel) image, per channel: the
-# "masked image" an inpainting UNet sees when the latent carries no noise mask.
-_BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 # Linear feather (latent px) on area edges that are not on the image border.
 _AREA_FUZZ = 8
 # count starts here so regions no cond covers divide to 0 instead of NaN.
@@ -66,18 +64,14 @@ def _concat_cond(model, d: dict, noise: torch.Tensor, latent_image: torch.Tensor
     if image.shape[1:] != noise.shape[1:]:
         image = common_upscale(image, noise.shape[-1], noise.shape[-2], "bilinear", "center")
     image = resize_to_batch_size(image, noise.shape[0])
-    if mask is None:
-        blank = torch.ones_like(noise)
-        for c, value in enumerate(_BLANK_INPAINT_LATENT):
-            blank[:, c] *= value
-        return torch.cat([torch.ones_like(noise)[:, :1], blank], dim=1)
-    if mask.ndim == noise.ndim:
-        mask = mask[:, :1]
-    mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:]))
-    if mask.shape[-2:] != noise.shape[-2:]:
-        mask = common_upscale(mask, noise.shape[-1], noise.shape[-2], "bilinear", "center")
-    mask = resize_to_batch_size(mask.round(), noise.shape[0])
-    return torch.cat([mask, image], dim=1)
+    if mask is not None:
+        if mask.ndim == noise.ndim:
+            mask = mask[:, :1]
+        mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:]))
+        if mask.shape[-2:] != noise.shape[-2:]:
+            mask = common_upscale(mask, noise.shape[-1], noise.shape[-2], "bilinear", "center")
+        mask = resize_to_batch_size(mask.round(), noise.shape[0])
+    return concat_cond(noise, image, mask)
 
 
 def _prepare_cond(model, tensor: torch.Tensor, d: dict, noise: torch.Tensor, latent_image: torch.Tensor,

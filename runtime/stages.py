@@ -18,6 +18,7 @@ import torch
 
 from kiln.kernels.batching import prepare_mask
 from kiln.kernels.clip_bpe import ClipBpe
+from kiln.kernels.inpaint import concat_cond
 from kiln.kernels.ksampler import ksampler_sample
 from kiln.kernels.model_sampling import LatentFormat, ModelSamplingDiscrete
 from kiln.kernels.noise import prepare_noise
@@ -144,7 +145,7 @@ class CompiledDenoiser:
         self._run = run
         self.model_sampling = model_sampling
         self.cfg = cfg
-        self._conds = conds   # cond_context, uncond_context[, cond_y, uncond_y] (SDXL)
+        self._conds = conds   # cond_context, uncond_context[, cond_y, uncond_y (SDXL)][, c_concat (inpainting)]
         self._cfg = torch.tensor(cfg, dtype=torch.float32, device=device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None,
@@ -195,6 +196,8 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     if "sdxl" in stage.params:   # y from each side's pooled text and the sizes of this latent
         conds += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
                   for side in ("cond", "uncond")]
+    if stage.params.get("inpaint"):   # an inpainting UNet's extra channels: mask and masked latent image
+        conds.append(concat_cond(noise, x0, denoise_mask))
     if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
         conds[:2] = common_length(conds[:2], int(stage.params["max_context_tokens"]), stage.describe())
     model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device)

@@ -18,7 +18,7 @@ from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
 from plan_parity import LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files
-from workflows import HIRES_VARIANTS, hires_fix, img2img, txt2img
+from workflows import PLAN_VARIANTS, hires_fix, img2img, txt2img
 
 from kiln.cli import main
 
@@ -65,9 +65,9 @@ def test_hires_fix_onnx_plan_matches_interpreter(hires_plan, tmp_path, models_di
     assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 
 
-@pytest.mark.parametrize("name", list(HIRES_VARIANTS))
-def test_hires_variant_matches_interpreter(compile_onnx, name, tmp_path, models_dir, input_dir):
-    workflow = HIRES_VARIANTS[name]()
+@pytest.mark.parametrize("name", list(PLAN_VARIANTS))
+def test_variant_matches_interpreter(compile_onnx, name, tmp_path, models_dir, input_dir):
+    workflow = PLAN_VARIANTS[name]()
     assert_parity(workflow, compile_onnx(name, workflow), tmp_path, models_dir, input_dir)
 
 
@@ -176,3 +176,10 @@ def test_sdxl_runtime_prompt_and_size(compile_onnx, tmp_path, models_dir, input_
     plan = load_plan(compile_onnx("sdxl-text", workflow, ["6.text", "5.width=64..96"]))
     for index, values in enumerate(({}, {"6.text": LONG_PROMPT, "5.width": 96, "3.seed": 2})):
         assert_parity(workflow, plan, tmp_path / str(index), models_dir, input_dir, values)
+
+
+def test_hires_fix_with_a_runtime_size(compile_onnx, tmp_path, models_dir, input_dir):
+    """The whole HiRes chain (decode, one-tile upscale, scale, encode) follows a runtime width."""
+    plan = load_plan(compile_onnx("hires-width", hires_fix(), ["5.width=64..128"]))
+    for width in (96, 128):
+        assert_parity(hires_fix(), plan, tmp_path / str(width), models_dir, input_dir, {"5.width": width})

@@ -278,8 +278,6 @@ def test_sdxl_samplers_get_pooled_text_and_size_options(models_dir):
     (lambda wf: None, ["8.vae"], ["a VAE socket"]),
     (lambda wf: wf["3"]["inputs"].update(sampler_name="euler"), ["3.sampler_name"],
      ["node 3 (KSampler", "input 'sampler_name'", "cannot take this input at run time", "KSampler.seed"]),
-    (lambda wf: wf["4"]["inputs"].update(ckpt_name="tiny-sd15-inpainting.safetensors"), [],
-     ["input 'model'", "inpainting UNets", "found 9"]),
 ])
 def test_what_plans_cannot_run_is_refused_by_name(models_dir, change, inputs, words):
     wf = txt2img()

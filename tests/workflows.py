@@ -74,9 +74,12 @@ def latent_hires(upscale_method: str = "bislerp") -> dict:
     return workflow
 
 
-# HiRes fix chains that compile differently from the plain one (plan parity tests of each backend).
-HIRES_VARIANTS = {
+# Workflows that compile into other stages than txt2img / img2img / HiRes fix (plan parity tests
+# of each backend).
+PLAN_VARIANTS = {
     "tiled": hires_fix_tiled,
     "lanczos": lambda: variant(hires_fix(), "12", upscale_method="lanczos"),
     "latent-bislerp": latent_hires,
+    "inpaint": inpaint,
+    "inpaint-model-no-mask": lambda: txt2img("tiny-sd15-inpainting.safetensors"),
 }

@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Link, Node
-from kiln.compiler.lower.lanczos import pil_lanczos
+from kiln.compiler.lower.lanczos import coefficients, pil_lanczos
 from kiln.compiler.stages import StageInput, flatten, unflatten
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
 from kiln.nodes.models.upscale_model import OVERLAP, TILE, tiled_scale
@@ -120,10 +121,20 @@ class UpscaleWithModel(_Op):
         self.model = descriptor.model
         self.scale = descriptor.scale
         self.call = (lambda x: self.model(x)) if descriptor.size_requirements.none else descriptor
+        self.largest = 0   # the largest side seen at concrete sizes (lowering's walk over the size range)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
-        fits = statically_known_true(height <= TILE) and statically_known_true(width <= TILE)
+        if _is_static(height, width):
+            self.largest = max(self.largest, height, width)
+            fits = height <= TILE and width <= TILE
+        else:
+            # Symbolic sizes (a runtime size input): the shape walk ran the op at the range's ends,
+            # so when the largest image it saw fits one tile, every size in the range does.
+            fits = 0 < self.largest <= TILE
+            if fits:
+                torch._check(height <= TILE)
+                torch._check(width <= TILE)
         if not fits and not _is_static(batch, height, width):
             raise NeedsStaticShapes(_problem(
                 self.node, f"images larger than {TILE}x{TILE} are upscaled in tiles, which needs concrete sizes",
@@ -150,12 +161,10 @@ class Resize(_Op):
 
     def __init__(self, node: Node, method: str, size: Callable[[Any, Any], tuple], crop: str, latent: bool):
         super().__init__(node)
-        allowed = (*INTERPOLATE_METHODS, "bislerp") if latent else (*INTERPOLATE_METHODS, *STATIC_METHODS)
+        allowed = (*INTERPOLATE_METHODS, *STATIC_METHODS)
         if method not in allowed:
-            why = " for latents (ComfyUI filters them as premultiplied RGBA PIL images)" if method == "lanczos" else ""
-            raise KilnError([_problem(node, f"the {method!r} method cannot be compiled{why}",
-                                      input_name="upscale_method", expected="one of " + ", ".join(allowed),
-                                      found=repr(method))])
+            raise KilnError([_problem(node, f"the {method!r} method cannot be compiled", input_name="upscale_method",
+                                      expected="one of " + ", ".join(allowed), found=repr(method))])
         self.method, self.size, self.crop, self.latent = method, size, crop, latent
 
     def forward(self, **inputs) -> Any:
@@ -184,7 +193,16 @@ class Resize(_Op):
                                       found=f"{samples.shape[1]} channels")])
         if self.crop == "center":
             samples = center_crop_to_aspect(samples, width, height)
-        return pil_lanczos(samples, width, height)
+        return pil_lanczos(samples, width, height, self._lanczos_weights)
+
+    def _lanczos_weights(self, in_size: int, out_size: int) -> torch.Tensor:
+        """The coefficient matrix as a buffer (a stage weight, stored in the plan), made when
+        lowering's shape walk first runs the op at these sizes, outside any fake-tensor mode."""
+        name = f"lanczos_{in_size}_{out_size}"
+        if name not in self._buffers:
+            with unset_fake_temporarily():
+                self.register_buffer(name, coefficients(in_size, out_size))
+        return self._buffers[name]
 
 
 class ClipTextEncode(_Op):

@@ -31,9 +31,11 @@ _NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "co
 
 
 class Denoiser(nn.Module):
-    """``forward(x, sigma, cond_context, uncond_context, cfg[, cond_y, uncond_y])`` ->
-    ``(denoised, uncond_denoised)``; with ``cfg == 1`` at build time only the positive side runs
-    and ``uncond_denoised`` is zeros (ComfyUI's cfg1 shortcut)."""
+    """``forward(x, sigma, cond_context, uncond_context, cfg[, cond_y, uncond_y][, c_concat])`` ->
+    ``(denoised, uncond_denoised)``: ``y`` for SDXL, ``c_concat`` (mask and masked latent image,
+    kiln.kernels.inpaint) for inpainting UNets, in that order (``inputs`` names them). With
+    ``cfg == 1`` at build time only the positive side runs and ``uncond_denoised`` is zeros
+    (ComfyUI's cfg1 shortcut)."""
 
     def __init__(self, model, cfg: float | None):
         super().__init__()
@@ -46,28 +48,30 @@ class Denoiser(nn.Module):
         self.sigma_data = float(ms.sigma_data)
         self.skip_uncond = cfg is not None and math.isclose(cfg, 1.0)
         self.with_y = model.arch == "sdxl"
+        self.with_concat = model.in_channels != model.latent_format.channels
+        self.inputs = (("x", "sigma", "cond_context", "uncond_context", "cfg")
+                       + (("cond_y", "uncond_y") if self.with_y else ()) + (("c_concat",) if self.with_concat else ()))
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond_context: torch.Tensor,
-                uncond_context: torch.Tensor, cfg: torch.Tensor, cond_y: torch.Tensor | None = None,
-                uncond_y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        args = dict(zip(self.inputs, tensors, strict=True))
+        x, sigma, cfg, c_concat = args["x"], args["sigma"], args["cfg"], args.get("c_concat")
         batch = x.shape[0]
-        if self.skip_uncond:
-            contexts, ys, sides = [cond_context], [cond_y], 1
-        else:
-            contexts, ys, sides = [uncond_context, cond_context], [uncond_y, cond_y], 2
-        contexts = [c.expand(batch, -1, -1) for c in contexts]
-        ys = [v.expand(batch, -1) for v in ys] if self.with_y else [None] * sides
+        sides = ("cond",) if self.skip_uncond else ("uncond", "cond")
+        contexts = [args[f"{side}_context"].expand(batch, -1, -1) for side in sides]
+        ys = [args[f"{side}_y"].expand(batch, -1) for side in sides] if self.with_y else [None] * len(sides)
         lengths = [c.shape[1] for c in contexts]
-        if sides == 2 and all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
+        if len(sides) == 2 and all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
             # Prompts of different chunk counts (lengths known at compile time): ComfyUI repeats
             # both to their LCM when that is at most 4x the shorter, else runs them separately.
             lcm = math.lcm(*lengths)
             if lcm // min(lengths) > 4:
-                out = torch.cat([self._apply_model(x, sigma, c, y) for c, y in zip(contexts, ys)])
+                out = torch.cat([self._apply_model(x, sigma, c, y, c_concat) for c, y in zip(contexts, ys)])
                 return self._combine(out, batch, cfg)
             contexts = [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
-        out = self._apply_model(torch.cat([x] * sides), torch.cat([sigma] * sides), torch.cat(contexts),
-                                torch.cat(ys) if self.with_y else None)
+        n = len(sides)
+        out = self._apply_model(torch.cat([x] * n), torch.cat([sigma] * n), torch.cat(contexts),
+                                torch.cat(ys) if self.with_y else None,
+                                None if c_concat is None else torch.cat([c_concat] * n))
         return self._combine(out, batch, cfg)
 
     def _combine(self, out: torch.Tensor, batch: int, cfg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +81,16 @@ class Denoiser(nn.Module):
         return uncond + (cond - uncond) * cfg, uncond
 
     def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                     y: torch.Tensor | None) -> torch.Tensor:
+                     y: torch.Tensor | None, c_concat: torch.Tensor | None) -> torch.Tensor:
         """``DiffusionModel.apply_model`` (sigma as [N,1,1,1]; for N == 1 ComfyUI broadcasts a
         scalar view, the same numbers)."""
         s = sigma.reshape(-1, 1, 1, 1)
         sd2 = self.sigma_data ** 2
         dtype = self.unet.dtype
-        xc = (x / (s ** 2 + sd2) ** 0.5).to(dtype)
+        xc = x / (s ** 2 + sd2) ** 0.5
+        if c_concat is not None:
+            xc = torch.cat([xc, c_concat.to(xc.dtype)], dim=1)
+        xc = xc.to(dtype)
         t = (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0).float()
         eps = self.unet(xc, t, encoder_hidden_states=context.to(dtype),
                         class_labels=None if y is None else y.to(dtype), return_dict=False)[0].float()
@@ -99,7 +106,7 @@ def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] 
 
     ``positive``/``negative`` are the conditioning entries' compile-time options (one dict per
     entry, as ``stages.flatten`` returns them); anything but one full-area entry per side, and
-    inpainting UNets (their extra input channels come from per-run masks), are refused naming
+    UNets whose extra input channels are not inpainting's mask + image, are refused naming
     ``node`` (the sampler).
     """
     problems = []
@@ -109,9 +116,11 @@ def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] 
                                 class_type=getattr(node, "class_type", None), title=getattr(node, "title", None),
                                 input_name=input_name, **kw))
 
-    if model.in_channels != model.latent_format.channels:
-        refuse("inpainting UNets are not supported in compiled plans; run the workflow with the "
-               "interpreter", input_name="model", found=f"a UNet with {model.in_channels} input channels")
+    channels = model.latent_format.channels
+    if model.in_channels not in (channels, 2 * channels + 1):
+        refuse("compiled plans take UNets with the latent's channels, or inpainting's extra mask and image",
+               input_name="model", expected=f"{channels} or {2 * channels + 1} input channels",
+               found=f"{model.in_channels}")
     for side, entries in (("positive", positive), ("negative", negative)):
         if entries is None:
             continue

@@ -7,13 +7,17 @@ from a rounding offset, shifts and clamps to 8 bits — horizontal pass first, t
 8-bit intermediates; an axis whose size does not change is not filtered. The weights depend
 only on the sizes, so they are computed here at compile time as a matrix of integer weights
 (zero outside each window); the sums are exact in float64 (below 2^53) in any order, so a
-matrix product then floor reproduce Pillow.
+matrix product then floor reproduce Pillow. A module keeps the matrices as buffers (weights
+of the compiled stage), not as constants created while tracing.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+Weights = Callable[[int, int], torch.Tensor]   # (in size, out size) -> [out, in] float64
 
 _PRECISION_BITS = 32 - 8 - 2
 _SUPPORT = 3.0   # lanczos a = 3
@@ -54,20 +58,21 @@ def coefficients(in_size: int, out_size: int) -> torch.Tensor:
     return matrix
 
 
-def _pass(pixels: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
+def _pass(pixels: torch.Tensor, dim: int, out_size: int, weights: Weights) -> torch.Tensor:
     """One 8-bit pass along ``dim`` of float64 pixel values 0..255 (exact integers)."""
-    matrix = coefficients(pixels.shape[dim], out_size).to(pixels.device)
+    matrix = weights(pixels.shape[dim], out_size).to(pixels.device)
     sums = pixels.movedim(dim, -1) @ matrix.T + float(1 << (_PRECISION_BITS - 1))
     out = torch.floor(sums / float(1 << _PRECISION_BITS)).clamp(0, 255)
     return out.movedim(-1, dim)
 
 
-def pil_lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def pil_lanczos(samples: torch.Tensor, width: int, height: int, weights: Weights = coefficients) -> torch.Tensor:
     """NCHW floats in [0, 1] (1 or 3 channels, concrete sizes) -> NCHW at (height, width), as
-    ``kiln.nodes.resize.lanczos`` computes through PIL."""
+    ``kiln.nodes.resize.lanczos`` computes through PIL. ``weights(in_size, out_size)`` gives
+    the coefficient matrices (``coefficients``, or a module's buffers of them)."""
     pixels = (samples * 255.0).clamp(0, 255).to(torch.uint8).to(torch.float64)   # np.clip + astype(uint8)
     if pixels.shape[-1] != width:
-        pixels = _pass(pixels, 3, width)
+        pixels = _pass(pixels, 3, width, weights)
     if pixels.shape[-2] != height:
-        pixels = _pass(pixels, 2, height)
+        pixels = _pass(pixels, 2, height, weights)
     return (pixels.to(torch.float32) / 255.0).to(samples.dtype)

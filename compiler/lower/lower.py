@@ -213,8 +213,10 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
     if "sdxl" in stage.params:
         args += [ArgSpec(sdxl_y(stage.params["sdxl"], side, env[stage.inputs[f"{side}_pooled"]], shape), {}, {})
                  for side in ("cond", "uncond")]
-    labels = ["latent", "sigma", "cond_context", "uncond_context", "cfg", "cond_y", "uncond_y"]
-    return args, labels[:len(args)]
+    if stage.params.get("inpaint"):   # mask + masked image channels, sized as x
+        concat = torch.zeros([shape[0], shape[1] + 1, *shape[2:]], device=latent.device)
+        args.append(_arg(concat, x_free, x_required, opportunistic))
+    return args, list(stage.module.inputs)
 
 
 def _context_args(stage: Stage, env: dict, constants: dict) -> list[ArgSpec]:

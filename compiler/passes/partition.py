@@ -54,8 +54,8 @@ def partition_stages(c: Compilation) -> Compilation:
     ``values`` says where each socket value lives at run time; constants and module outputs are
     only those some stage reads (an SD1 prompt's pooled output is neither stored nor computed).
     Anything else that must run at run time (other node types, runtime inputs the stage cannot
-    take, conditioning beyond one full-area entry per side, inpainting UNets) is refused naming
-    the node, its class_type, the input and what is supported.
+    take, conditioning beyond one full-area entry per side, UNets with other extra channels than
+    inpainting's) is refused naming the node, its class_type, the input and what is supported.
     """
     _check_supported(c)
     builder = _Partition(c)
@@ -147,9 +147,10 @@ class _Partition:
     def _sample(self, node: Node) -> None:
         model = self._handle(node.inputs["model"])
         channels = model.latent_format.channels
-        if model.in_channels != channels:
-            self._refuse(node, "model", "inpainting UNets (extra mask and image input channels) are not "
-                         "supported in plans", f"a UNet with {channels} input channels", str(model.in_channels))
+        if model.in_channels not in (channels, 2 * channels + 1):
+            self._refuse(node, "model", "plans take UNets with the latent's channels, or an inpainting UNet's "
+                         "extra mask and image channels", f"{channels} or {2 * channels + 1} input channels",
+                         str(model.in_channels))
         latent = self.values[node.inputs["latent_image"]]
         inputs = {"latent": latent.fields["samples"]}
         if "noise_mask" in latent.fields:
@@ -169,6 +170,8 @@ class _Partition:
                   "prediction": model.model_sampling.prediction, "scale_factor": model.latent_format.scale_factor}
         if sdxl:
             params["sdxl"] = {"embed_dim": model.info.adm_embed_dim, **sdxl}
+        if model.in_channels != channels:
+            params["inpaint"] = True
         if (latent.meta or {}).get("batch_index") is not None:
             params["batch_index"] = list(latent.meta["batch_index"])
         out = f"{node.id}.0.samples"
