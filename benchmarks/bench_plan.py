@@ -6,13 +6,14 @@ aoti, onnx, interpreter, ...) so machine load hits all alike; ratios are engine 
 (lower is better).
 
 Configurations: the tiny fixtures (txt2img 64², the HiRes-fix demo) and a full-size
-SD1.5-architecture checkpoint with random weights (txt2img at 64² and 256²). Compile time per
+SD1.5-architecture checkpoint with random weights (txt2img at 64² and 256², and at 64² with
+the prompt a runtime input: the plan then tokenizes and runs the text encoder every image). Compile time per
 stage (export + AOTInductor or ONNX export, or a cache hit) is recorded too; the compile cache
 is a private folder under ``--workdir`` unless ``--shared-cache``.
 
 Usage: ``python benchmarks/bench_plan.py [--configs tiny-t2i-64,sd15-t2i-256] [--backends aoti,onnx]
-[--reps 3] [--warm-runs 2] [--steps 8]``.
-Writes ``benchmarks/results/bench_plan.json`` and ``bench_plan.md``.
+[--reps 3] [--warm-runs 2] [--steps 8] [--results bench_plan]``.
+Writes ``benchmarks/results/<results>.json`` and ``<results>.md``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,12 @@ def configs(steps: int) -> dict[str, dict]:
     return {"tiny-t2i-64": txt2img("tiny-sd15.safetensors", 64, steps),
             "tiny-hires-128-256": example_workflow(),
             "sd15-t2i-64": txt2img(FULL_CKPT, 64, steps),
-            "sd15-t2i-256": txt2img(FULL_CKPT, 256, steps)}
+            "sd15-t2i-256": txt2img(FULL_CKPT, 256, steps),
+            "sd15-t2i-64-prompt": txt2img(FULL_CKPT, 64, steps)}
+
+
+# Configurations compiled with runtime inputs (``kiln compile --input``).
+RUNTIME_INPUTS = {"sd15-t2i-64-prompt": ("6.text",)}
 
 
 def write_models(models: Path, full: bool) -> None:
@@ -63,7 +69,8 @@ def write_models(models: Path, full: bool) -> None:
         write_checkpoint(path, "sd1", size="full", seed=0)
 
 
-def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backend: str) -> list[dict]:
+def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backend: str,
+                 inputs: tuple[str, ...] = ()) -> list[dict]:
     """Compile, timing each stage's export + build; a stage that added no cache file was a hit."""
     from kiln.compiler.lower.lower import lower
     from kiln.compiler.pipeline import run_passes
@@ -71,7 +78,7 @@ def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backen
     from kiln.compiler.workflow import parse_workflow
     from kiln.nodes.folders import ModelFolders
 
-    options = CompileOptions(models=ModelFolders.from_models_dir(models), backend=backend)
+    options = CompileOptions(models=ModelFolders.from_models_dir(models), backend=backend, inputs=inputs)
     start = time.perf_counter()
     program = run_passes(Compilation(parse_workflow(workflow), options)).program()
     stages = [{"stage": "passes (validate, fold, ...)", "seconds": time.perf_counter() - start, "cached": None}]
@@ -185,7 +192,8 @@ def bench(name: str, workflow: dict, work: Path, cache: Path, reps: int, warm_ru
     compiles = {}
     for backend in backends:
         sources[backend] = work / f"{name}.{backend}.plan"
-        compiles[backend] = compile_plan(workflow, models, sources[backend], cache, backend)
+        compiles[backend] = compile_plan(workflow, models, sources[backend], cache, backend,
+                                         RUNTIME_INPUTS.get(name, ()))
     env = {**os.environ, "KILN_CACHE_DIR": str(cache)}
     runs: dict[str, list[dict]] = {engine: [] for engine in sources}
     for _ in range(reps):
@@ -245,6 +253,7 @@ def main() -> int:
     parser.add_argument("--shared-cache", action="store_true", help="use the normal kiln cache (compiles reused)")
     parser.add_argument("--backends", default="aoti,onnx", help="plan backends to compile and compare")
     parser.add_argument("--warm-runs", type=int, default=2, help="warm runs per engine process, after its first")
+    parser.add_argument("--results", default="bench_plan", help="results file name (without suffix)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -276,8 +285,8 @@ def main() -> int:
             "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
             "reps": args.reps, "warm_runs": args.warm_runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_plan.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    (RESULTS / "bench_plan.md").write_text(markdown(rows, meta))
+    (RESULTS / f"{args.results}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (RESULTS / f"{args.results}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 
