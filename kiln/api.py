@@ -27,7 +27,6 @@ def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = Non
     folders = ModelFolders.from_models_dir(models, extra_model_paths)
     graph = validate(graph, folders, input_dir)
     _check_device(device, dtype)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
     ctx = RunContext(models=folders, input_dir=str(input_dir) if input_dir else None,
                      output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source)
     if progress:

@@ -48,7 +48,6 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
     for index, stage in enumerate(manifest.stages):
         for name in (*stage.outputs.values(), *stage.inputs.values()):
             last_use[name] = index
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
     ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
                        prompt=workflow_with_inputs(manifest, bound), on_step=on_step, tokenizers=plan.tokenizers)
     run = PlanRun()

@@ -84,3 +84,4 @@ def check_runtime_prompt(workflow, plan_path, tmp_path, models_dir, input_dir) -
         run_plan(plan, {"6.text": "cat " * 75 * 33}, output_dir=tmp_path / "long")
     with pytest.raises(PlanError, match=r"6\.text.*textual-inversion embeddings.*embedding:style"):
         run_plan(plan, {"6.text": "a embedding:style cat"}, output_dir=tmp_path / "embedding")
+    assert not (tmp_path / "long").exists() and not (tmp_path / "embedding").exists()   # nothing written
