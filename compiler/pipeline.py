@@ -143,5 +143,9 @@ def _check_target(device: str, dtype: str, backend: str) -> None:
         problems.append(Problem("invalid_target", "fp16 inference on CPU is not supported",
                                 expected="--dtype fp32 or bf16 on cpu, fp16 with --device cuda",
                                 found="--device cpu --dtype fp16"))
+    if backend == "onnx" and dtype == "bf16":
+        problems.append(Problem("invalid_target", "the ONNX backend does not take bf16 (onnxruntime has no bf16 "
+                                "convolution kernels)", expected="--dtype fp32 (or fp16 on cuda) with --backend "
+                                "onnx, or --backend aoti for bf16", found="--backend onnx --dtype bf16"))
     if problems:
         raise KilnError(problems)

@@ -15,8 +15,10 @@ from PIL import Image
 
 from kiln.api import run_workflow
 
-MIN_PSNR_FP32 = 60.0
-MAX_PIXEL_DIFF = 2   # uint8 truncation turns a tiny float difference at a boundary into 1
+# Per precision: (minimum PSNR dB, maximum pixel difference). fp32: uint8 truncation turns a tiny
+# float difference at a boundary into 1. bf16: the compiled code rounds to bf16 after fused
+# elementwise chains where eager torch rounds after every op (measured 37 dB, max 21 on txt2img).
+PARITY = {"fp32": (60.0, 2), "bf16": (30.0, 40)}
 # Two 77-token chunks with weights, against the one-chunk negative prompt: the runtime repeats it.
 LONG_PROMPT = "a (red fox:1.3) in the snow, ((detailed)), " + ", ".join(f"tree {i}" for i in range(40))
 
@@ -44,12 +46,12 @@ def _pixels(paths) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
 
 
-def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> tuple[float, float]:
-    """(PSNR in dB, max pixel difference) of the plan's images against the interpreter's, for the
-    same runtime input values (given to the interpreter as overrides)."""
+def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32") -> tuple[float, float]:
+    """(PSNR in dB, max pixel difference) of the plan's images against the interpreter's at the
+    plan's precision, for the same runtime input values (given to the interpreter as overrides)."""
     overrides = {tuple(k.split(".", 1)): v for k, v in (values or {}).items()}
     ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
-                       overrides=overrides)
+                       overrides=overrides, dtype=dtype)
     loaded = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
     got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan")
     assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
@@ -59,16 +61,17 @@ def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> tup
     return (float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)), float(np.abs(a - b).max())
 
 
-def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None) -> None:
-    """The plan's images against the interpreter's: PSNR >= 60 dB and max pixel difference <= 2.
+def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32") -> None:
+    """The plan's images against the interpreter's within the precision's PARITY bounds.
     With KILN_PARITY_LOG set, each measurement is appended there (figures for notes)."""
-    psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values)
+    psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values, dtype)
     if os.environ.get("KILN_PARITY_LOG"):
         with open(os.environ["KILN_PARITY_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{psnr:.1f} dB\t"
                       f"max diff {max_diff:g}\n")
-    assert psnr >= MIN_PSNR_FP32, f"PSNR {psnr:.1f} dB"
-    assert max_diff <= MAX_PIXEL_DIFF, f"max pixel difference {max_diff}"
+    min_psnr, max_pixel_diff = PARITY[dtype]
+    assert psnr >= min_psnr, f"PSNR {psnr:.1f} dB"
+    assert max_diff <= max_pixel_diff, f"max pixel difference {max_diff}"
 
 
 def check_runtime_prompt(workflow, plan_path, tmp_path, models_dir, input_dir) -> None:

@@ -93,6 +93,7 @@ def test_a_runtime_cfg_builds_the_full_cfg_denoiser(models_dir, tmp_path, capsys
                                   "it: validate, dead_nodes)", "only INT and FLOAT inputs take a range"]),
     (["--input", "8.samples"], ["node 8 (VAEDecode", "input 'samples'", "a LATENT socket"]),
     (["--dtype", "fp16"], ["fp16 inference on CPU is not supported"]),
+    (["--dtype", "bf16", "--backend", "onnx"], ["ONNX backend does not take bf16", "--backend aoti for bf16"]),
     (["--device", "tpu"], ["unknown device", "expected cpu or cuda[:N]"]),
 ])
 def test_refusals_exit_with_status_2_and_say_why(models_dir, tmp_path, capsys, fake_lowering, args, words):
