@@ -49,6 +49,7 @@ def write_esrgan(path: str | Path, *, scale: int = 4, num_feat: int = 16, num_bl
     """Write the checkpoint as safetensors (``.safetensors``/``.sft``) or a plain tensor dict
     that ``torch.load(weights_only=True)`` reads (any other suffix, e.g. ``.pth``)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     sd = esrgan_state_dict(scale=scale, num_feat=num_feat, num_block=num_block, seed=seed)
     if path.suffix.lower() in (".safetensors", ".sft"):
         safetensors.torch.save_file(sd, str(path))
