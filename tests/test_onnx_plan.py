@@ -18,7 +18,7 @@ from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
 from plan_parity import LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files
-from workflows import PLAN_VARIANTS, hires_fix, img2img, txt2img
+from workflows import PLAN_VARIANTS, clip_skip, hires_fix, img2img, txt2img
 
 from kiln.cli import main
 
@@ -167,6 +167,15 @@ def _retarget(source, dest, **target):
 
 def test_runtime_prompt(compile_onnx, tmp_path, models_dir, input_dir):
     check_runtime_prompt(txt2img(), compile_onnx("text", txt2img(), ["6.text"]), tmp_path, models_dir, input_dir)
+
+
+@pytest.mark.parametrize("workflow", [txt2img("tiny-sd2-v.safetensors"), clip_skip(txt2img())],
+                         ids=["sd2-openclip", "sd15-clip-skip-2"])
+def test_runtime_prompt_other_encoders(compile_onnx, workflow, tmp_path, models_dir, input_dir):
+    """OpenCLIP's padding and penultimate layer; CLIPSetLastLayer before a runtime prompt."""
+    plan = load_plan(compile_onnx(f"text-{workflow['4']['inputs']['ckpt_name']}-{len(workflow)}", workflow,
+                                  ["6.text"]))
+    assert_parity(workflow, plan, tmp_path, models_dir, input_dir, {"6.text": LONG_PROMPT})
 
 
 def test_sdxl_runtime_prompt_and_size(compile_onnx, tmp_path, models_dir, input_dir):

@@ -74,6 +74,15 @@ def latent_hires(upscale_method: str = "bislerp") -> dict:
     return workflow
 
 
+def clip_skip(workflow: dict, layer: int = -2) -> dict:
+    """Both prompts through CLIPSetLastLayer (ComfyUI's "clip skip")."""
+    workflow = copy.deepcopy(workflow)
+    workflow["20"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": layer}}
+    for node_id in ("6", "7"):
+        workflow[node_id]["inputs"]["clip"] = ["20", 0]
+    return workflow
+
+
 # Workflows that compile into other stages than txt2img / img2img / HiRes fix (plan parity tests
 # of each backend).
 PLAN_VARIANTS = {
