@@ -31,6 +31,7 @@ class RunResult:
     outputs: dict[str, tuple] = field(default_factory=dict)   # the output nodes' results
     timings: list[NodeTiming] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)            # files written by SaveImage
+    previews: list[str] = field(default_factory=list)         # PreviewImage's, under .preview/
 
 
 def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None,
@@ -74,4 +75,5 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
                     del values[link.node_id]
     result.outputs = {node_id: values[node_id] for node_id in keep if node_id in values}
     result.saved = list(ctx.cache.get("saved_images", []))
+    result.previews = list(ctx.cache.get("preview_images", []))
     return result

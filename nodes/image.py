@@ -6,8 +6,6 @@ shared with plan runs.
 """
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +15,10 @@ from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageErro
 from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
 from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, RunContext, node
 from kiln.nodes.resize import common_upscale
-from kiln.runtime.images import save_image_path, write_pngs  # noqa: F401  (save_image_path re-exported)
+from kiln.runtime.images import write_pngs, write_previews
 
 MAX_RESOLUTION = 16384
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
-PREVIEW_FOLDER = ".preview"   # under the output dir: kiln's stand-in for ComfyUI's temp/ folder
 
 # Multi-frame formats whose extra frames are not an animation (MPO: stereo/preview JPEGs).
 _SINGLE_IMAGE_FORMATS = ("MPO",)
@@ -119,9 +116,7 @@ def preview_image(ctx: RunContext, images: torch.Tensor):
     written under ``<output_dir>/.preview/``; paths go to ``ctx.cache["preview_images"]``."""
     if ctx.output_dir is None:
         raise ValueError("no output folder configured to write previews to")
-    prefix = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
-    paths = write_pngs(images, prefix, os.path.join(ctx.output_dir, PREVIEW_FOLDER), ctx.prompt,
-                       ctx.extra_pnginfo, compress_level=1)
+    paths = write_previews(images, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo)
     ctx.cache.setdefault("preview_images", []).extend(paths)
     return ()
 

@@ -31,6 +31,7 @@ class StageTiming:
 @dataclass
 class PlanRun:
     saved: list[str] = field(default_factory=list)          # PNGs written, in order
+    previews: list[str] = field(default_factory=list)       # PreviewImage's, under .preview/
     timings: list[StageTiming] = field(default_factory=list)
 
 
@@ -67,7 +68,7 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
             for name in (*stage.inputs.values(), *stage.outputs.values()):
                 if last_use[name] == index and name not in kept:
                     env.pop(name, None)
-    run.saved = list(ctx.saved)
+    run.saved, run.previews = list(ctx.saved), list(ctx.previews)
     return run
 
 

@@ -1,4 +1,4 @@
-"""Saving images as ComfyUI's SaveImage does, shared by the SaveImage node and plan runs.
+"""Saving images as ComfyUI's SaveImage and PreviewImage do, shared by the nodes and plan runs.
 
 File naming follows ``folder_paths.get_save_image_path`` (``<prefix>_<counter:05>_.png``,
 counters continuing after the files already there) so kiln's outputs sit next to ComfyUI's
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import tempfile
 from datetime import datetime
@@ -25,6 +26,17 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     if image.dtype == torch.uint8:
         return image.cpu().numpy()
     return np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+PREVIEW_FOLDER = ".preview"   # under the output dir: kiln's stand-in for ComfyUI's temp/ folder
+
+
+def write_previews(images: torch.Tensor, output_dir: str, prompt: dict | None, extra_pnginfo: dict | None) -> list[str]:
+    """PreviewImage: ComfyUI's temp previews (``ComfyUI_temp_<5 letters>_NNNNN_.png``, compress
+    level 1), written under ``<output_dir>/.preview/``."""
+    prefix = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+    return write_pngs(images, prefix, os.path.join(output_dir, PREVIEW_FOLDER), prompt, extra_pnginfo,
+                      compress_level=1)
 
 
 def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prompt: dict | None,

@@ -26,7 +26,7 @@ from kiln.kernels.samplers import SAMPLER_NAMES
 from kiln.kernels.schedules import SCHEDULER_NAMES, advanced_sigmas, ksampler_sigmas
 from kiln.kernels.sdxl import sdxl_vector, size_options
 from kiln.runtime.errors import PlanError
-from kiln.runtime.images import write_pngs
+from kiln.runtime.images import write_pngs, write_previews
 from kiln.runtime.manifest import RUNTIME_INPUT_PREFIX, Manifest, StageSpec, input_env_name
 from kiln.runtime.prompts import common_length, tokenize_prompt
 
@@ -37,7 +37,7 @@ _SIGNATURES: dict[str, tuple[tuple, tuple, tuple]] = {
     "sample": (("latent", "cond_context", "uncond_context"), ("cond_pooled", "uncond_pooled", "noise_mask"),
                _SAMPLE_SETTINGS),
     "module": ((), (), ()),
-    "save_image": (("images",), (), ("filename_prefix",)),
+    "save_image": (("images",), (), ()),   # + filename_prefix, unless a preview
     "empty_latent": ((), (), ("width", "height", "batch_size", "channels")),
 }
 # Outputs per kind (module: any).
@@ -58,6 +58,7 @@ class StageContext:
     on_step: Callable[[str, int, int], None] | None = None       # (stage name, step, total)
     tokenizers: Mapping[str, ClipBpe] = field(default_factory=dict)  # vocabulary member -> tokenizer
     saved: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
 
 
 def check_stage(stage: StageSpec) -> None:
@@ -75,6 +76,8 @@ def check_stage(stage: StageSpec) -> None:
         if unknown:
             raise PlanError("invalid_plan", f"{stage.describe()} has inputs or outputs its kind does not take: "
                             f"{', '.join(unknown)}")
+    if stage.kind == "save_image" and not stage.params.get("preview") and "filename_prefix" not in stage.params:
+        raise PlanError("invalid_plan", f"{stage.describe()} lacks filename_prefix")
     if stage.kind == "module" and not stage.outputs:
         raise PlanError("invalid_plan", f"{stage.describe()} has no outputs")
     if stage.kind == "sample":
@@ -239,8 +242,12 @@ def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:
 
 
 def _save_image(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    ctx.saved.extend(write_pngs(args["images"], str(_setting(stage, args, "filename_prefix")), ctx.output_dir,
-                                ctx.prompt, None, compress_level=4))
+    """SaveImage's files, or PreviewImage's temp previews (``params.preview``)."""
+    if stage.params.get("preview"):
+        ctx.previews.extend(write_previews(args["images"], ctx.output_dir, ctx.prompt, None))
+    else:
+        ctx.saved.extend(write_pngs(args["images"], str(_setting(stage, args, "filename_prefix")), ctx.output_dir,
+                                    ctx.prompt, None, compress_level=4))
     return {}
 
 

@@ -7,13 +7,13 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from kiln.api import run_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
 from kiln.runtime.prompts import VOCABULARY_MEMBER
-from PIL import Image
-
-from kiln.api import run_workflow
 
 # Per precision: (minimum PSNR dB, maximum pixel difference). fp32: uint8 truncation turns a tiny
 # float difference at a boundary into 1. bf16: the compiled code rounds to bf16 after fused

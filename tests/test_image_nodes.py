@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kiln.nodes.image import (image_scale, image_scale_by, load_image, load_image_mask, preview_image,
-                              save_image, save_image_path)
+from kiln.nodes.image import image_scale, image_scale_by, load_image, load_image_mask, preview_image, save_image
 from kiln.nodes.registry import RunContext
 from kiln.nodes.resize import common_upscale
-from kiln.runtime.images import expand_tokens
+from kiln.runtime.images import expand_tokens, save_image_path
 
 
 @pytest.fixture

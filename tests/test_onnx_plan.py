@@ -4,11 +4,17 @@ onnxruntime execution provider (fallback with a notice, or a clear failure when 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
+from PIL import Image
+
+from kiln.api import run_workflow
+from kiln.cli import main
 from kiln.compiler.lower.onnx_export import OPSET
 from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
@@ -19,8 +25,6 @@ from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
 from plan_parity import LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files
 from workflows import PLAN_VARIANTS, clip_skip, hires_fix, img2img, txt2img
-
-from kiln.cli import main
 
 T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
 
@@ -103,6 +107,7 @@ def test_onnx_artifacts_share_one_copy_of_the_weights(hires_plan):
 def test_running_an_onnx_plan_imports_nothing_heavy(t2i_plan, tmp_path):
     child = """
 import json, sys
+from kiln.api import run_workflow
 from kiln.cli import main
 rc = main(["run", sys.argv[1], "-o", sys.argv[2], "--quiet", "--timings"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "onnx", "onnxscript")
@@ -192,3 +197,19 @@ def test_hires_fix_with_a_runtime_size(compile_onnx, tmp_path, models_dir, input
     plan = load_plan(compile_onnx("hires-width", hires_fix(), ["5.width=64..128"]))
     for width in (96, 128):
         assert_parity(hires_fix(), plan, tmp_path / str(width), models_dir, input_dir, {"5.width": width})
+
+
+def test_preview_images_are_written_as_the_interpreter_writes_them(compile_onnx, tmp_path, models_dir, input_dir):
+    """PreviewImage of HiRes fix's first pass (an image inside the fused chain): a temp preview
+    under .preview/ with the same pixels as the interpreter's, next to the saved image."""
+    workflow = hires_fix()
+    workflow["30"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    plan = load_plan(compile_onnx("preview", workflow))
+    assert {"preview": True, "node_id": "30"} in [s.params for s in plan.manifest.stages]
+    got = run_plan(plan, {}, output_dir=tmp_path / "plan")
+    ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp")
+    (preview,) = got.previews
+    assert os.path.basename(os.path.dirname(preview)) == ".preview"
+    assert os.path.basename(preview).startswith("ComfyUI_temp_") and len(got.saved) == 1
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (preview, ref.previews[0]))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1

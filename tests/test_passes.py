@@ -164,6 +164,14 @@ def test_an_sdxl_runtime_prompt_tokenizes_for_both_encoders(models_dir):
     assert sample.inputs["cond_pooled"] == "6.0.0.pooled_output"
 
 
+def test_preview_image_is_a_preview_save_stage(models_dir):
+    workflow = txt2img()
+    workflow["30"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    stages = passes_until(workflow, "partition_stages", models_dir).stages
+    save = next(s for s in stages if s.node_ids == ["30"] and s.kind == "save_image")
+    assert save.params == {"preview": True, "node_id": "30"} and save.inputs == {"images": "30.0.value"}
+
+
 def test_an_embedding_in_a_runtime_prompt_is_refused(models_dir):
     workflow = variant(txt2img(), "6", text="a embedding:style fox")
     with pytest.raises(KilnError, match=r"node 6 \(CLIPTextEncode.*'text'.*embeddings"):

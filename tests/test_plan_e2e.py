@@ -10,17 +10,13 @@ import sys
 
 import pytest
 import torch
+
 from kiln.compiler.errors import KilnError
 from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
-from plan_parity import (
-    assert_parity,
-    cache_dir,
-    check_runtime_prompt,
-    compiled_files,
-)
+from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files
 from workflows import PLAN_VARIANTS, hires_fix, img2img, txt2img, variant
 
 

@@ -33,7 +33,7 @@ MODULE_OUTPUTS = {
     "CLIPTextEncode": ("CONDITIONING", ("0.cond", "0.pooled_output")),
 }
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
-RUNTIME_NODES = (*SAMPLERS, "EmptyLatentImage", "SaveImage", *MODULE_OUTPUTS)
+RUNTIME_NODES = (*SAMPLERS, "EmptyLatentImage", "SaveImage", "PreviewImage", *MODULE_OUTPUTS)
 # EmptyLatentImage always makes 4 channels; the sampler widens an empty latent for other models.
 EMPTY_LATENT_CHANNELS = 4
 # SDXL conditioning options that only feed its size embedding (the runtime builds ``y``).
@@ -44,7 +44,8 @@ def partition_stages(c: Compilation) -> Compilation:
     """One stage per run-time node, in execution order.
 
     KSampler/KSamplerAdvanced -> ``sample``; EmptyLatentImage with a runtime size ->
-    ``empty_latent``; SaveImage -> a ``module`` converting to 8-bit pixels plus a ``save_image``;
+    ``empty_latent``; SaveImage / PreviewImage -> a ``module`` converting to 8-bit pixels plus a
+    ``save_image`` (``preview`` for the latter);
     VAEDecode, VAEEncode, ImageUpscaleWithModel, ImageScale(By), LatentUpscale(By) and
     CLIPTextEncode with a runtime text -> one ``module`` each, the text first through a
     ``tokenize`` stage.
@@ -120,7 +121,7 @@ class _Partition:
             self._sample(node)
         elif node.class_type == "EmptyLatentImage":
             self._empty_latent(node)
-        elif node.class_type == "SaveImage":
+        elif node.class_type in ("SaveImage", "PreviewImage"):
             self._save(node)
         else:
             self._module(node)
@@ -205,8 +206,10 @@ class _Partition:
         convert = Node(node.id, TO_UINT8.class_type, {"images": source}, node.title)
         self.stages.append(Stage(f"module_{node.id}", "module", [node.id], self._tensor_inputs(convert),
                                  {pixels: pixels}, {}, members=[convert]))
+        params = ({"preview": True} if node.class_type == "PreviewImage"
+                  else {"filename_prefix": widgets["filename_prefix"]})
         self.stages.append(Stage(f"save_{node.id}", "save_image", [node.id], {"images": pixels}, {},
-                                 {"filename_prefix": widgets["filename_prefix"], "node_id": node.id}))
+                                 {**params, "node_id": node.id}))
 
     def _module(self, node: Node) -> None:
         out_type, computed = MODULE_OUTPUTS[node.class_type]
