@@ -269,6 +269,9 @@ def describe_plan(path: str | Path) -> str:
         lines.append(f"  {i}. {stage.name}: {stage.kind}, node{_s(stage.node_ids)} {', '.join(stage.node_ids)}")
         reads, writes = ", ".join(stage.inputs.values()) or "-", ", ".join(stage.outputs.values()) or "-"
         lines.append(f"     reads {reads}; writes {writes}")
+        settings = _settings(stage)
+        if settings:
+            lines.append(f"     {settings}")
         if stage.artifact is not None:
             lines.append(f"     artifact {stage.artifact} ({_size(sizes.get(stage.artifact, 0))}), "
                          f"{len(stage.constant_names)} weight{_s(stage.constant_names)}")
@@ -280,6 +283,21 @@ def describe_plan(path: str | Path) -> str:
     lines.append(f"members ({_size(reader.path.stat().st_size)} in all):")
     lines.extend(f"  {name}: {_size(size)}" for name, size in sizes.items())
     return "\n".join(lines)
+
+
+# Stage params worth a glance in ``kiln inspect`` (the rest is plumbing).
+_SHOWN_PARAMS = {"tokenize": ("pad_tokens", "max_chunks"),
+                 "sample": ("sampler_name", "scheduler", "steps", "cfg", "denoise", "prediction", "start_at_step",
+                            "end_at_step", "inpaint"),
+                 "save_image": ("filename_prefix", "preview")}
+
+
+def _settings(stage) -> str:
+    """``sampler_name=euler, steps=20, ...`` for a stage's constant settings; SDXL noted."""
+    shown = [f"{k}={stage.params[k]}" for k in _SHOWN_PARAMS.get(stage.kind, ()) if k in stage.params]
+    if "sdxl" in stage.params:
+        shown.append("sdxl size conditioning built at run time")
+    return ", ".join(shown)
 
 
 def _release(version: str) -> str:

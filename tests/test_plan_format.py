@@ -518,6 +518,7 @@ def test_inspect_shows_folding_stages_inputs_target_sizes(plan, capsys):
                  "  2. sample_3: sample, node 3",
                  "     reads 5.0.samples, const.6.0.0.cond, const.7.0.0.cond, in.3.seed, in.3.sampler_name; "
                  "writes 3.0.samples",
+                 "     sampler_name=euler, scheduler=normal, steps=4, cfg=7.5, denoise=1.0, prediction=eps",
                  "folded (2 nodes):",
                  "  6 CLIPTextEncode -> const.6.0.0.cond",
                  "models left out (used only by folded nodes): tiny.safetensors (text encoder)"):
