@@ -107,7 +107,6 @@ def test_onnx_artifacts_share_one_copy_of_the_weights(hires_plan):
 def test_running_an_onnx_plan_imports_nothing_heavy(t2i_plan, tmp_path):
     child = """
 import json, sys
-from kiln.api import run_workflow
 from kiln.cli import main
 rc = main(["run", sys.argv[1], "-o", sys.argv[2], "--quiet", "--timings"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "onnx", "onnxscript")
