@@ -43,6 +43,7 @@ _SIGNATURES: dict[str, tuple[tuple, tuple, tuple]] = {
 # Outputs per kind (module: any).
 _OUTPUTS = {"tokenize": ("tokens",), "sample": ("samples",), "save_image": (), "empty_latent": ("samples",)}
 _SIMPLE_SAMPLER = ("denoise",)
+_GUIDED_PREFIXES = ("positive.", "negative.")   # a guided sample stage's conditioning inputs
 _ADVANCED_SAMPLER = ("add_noise", "start_at_step", "end_at_step", "return_with_leftover_noise")
 _ENABLE = ("enable", "disable")   # KSamplerAdvanced's widget values, kept as ComfyUI spells them
 
@@ -66,6 +67,9 @@ def check_stage(stage: StageSpec) -> None:
     required, optional, settings = _SIGNATURES[stage.kind]
     if stage.kind == "sample":
         settings = settings + (_ADVANCED_SAMPLER if stage.params.get("advanced") else _SIMPLE_SAMPLER)
+        if stage.params.get("guided"):   # conditioning tensors by entry instead of the two contexts
+            required = ("latent",)
+            optional = optional + tuple(n for n in stage.inputs if n.startswith(_GUIDED_PREFIXES))
     missing = [name for name in required if name not in stage.inputs]
     missing += [name for name in settings if name not in stage.inputs and name not in stage.params]
     if missing:
@@ -144,16 +148,24 @@ class CompiledDenoiser:
     combined_prediction = True
 
     def __init__(self, run: Callable[..., list[torch.Tensor]], model_sampling: ModelSamplingDiscrete,
-                 conds: list[torch.Tensor], cfg: float, device: torch.device):
+                 conds: list[torch.Tensor], cfg: float, device: torch.device, guided: bool = False):
         self._run = run
         self.model_sampling = model_sampling
         self.cfg = cfg
-        self._conds = conds   # cond_context, uncond_context[, cond_y, uncond_y (SDXL)][, c_concat (inpainting)]
+        # cond_context, uncond_context[, cond_y, uncond_y (SDXL)][, c_concat (inpainting)]; or for a
+        # guided denoiser every conditioning tensor, which it takes after cfg
+        self._conds = conds
+        self._guided = guided
         self._cfg = torch.tensor(cfg, dtype=torch.float32, device=device)
+
+    def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+        if self._guided:
+            return self._run(x, sigma, self._cfg, *self._conds)
+        return self._run(x, sigma, *self._conds[:2], self._cfg, *self._conds[2:])
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None,
                  seed: int | None = None, **_: object) -> torch.Tensor:
-        denoised, uncond_denoised = self._run(x, sigma, *self._conds[:2], self._cfg, *self._conds[2:])
+        denoised, uncond_denoised = self._call(x, sigma)
         options = model_options or {}
         for hook in options.get("sampler_post_cfg_function", []):
             denoised = hook({"denoised": denoised, "uncond_denoised": uncond_denoised, "sigma": sigma,
@@ -161,7 +173,7 @@ class CompiledDenoiser:
         return denoised
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, **_: object) -> tuple[torch.Tensor, None]:
-        denoised, _ = self._run(x, sigma, *self._conds[:2], self._cfg, *self._conds[2:])
+        denoised, _ = self._call(x, sigma)
         return denoised, None
 
 
@@ -195,15 +207,19 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     denoise_mask = None if mask is None else prepare_mask(mask, x0.shape).to(device)
     if torch.count_nonzero(x0) > 0:   # ComfyUI leaves the empty latent unscaled
         x0 = latent_format.process_in(x0)
-    conds = [args[name].to(device) for name in ("cond_context", "uncond_context")]
-    if "sdxl" in stage.params:   # y from each side's pooled text and the sizes of this latent
+    guided = bool(stage.params.get("guided"))
+    if guided:   # the conditioning tensors in stage order (the guided denoiser's inputs after cfg)
+        conds = [args[name].to(device) for name in stage.inputs if name.startswith(_GUIDED_PREFIXES)]
+    else:
+        conds = [args[name].to(device) for name in ("cond_context", "uncond_context")]
+    if "sdxl" in stage.params and not guided:   # y from each side's pooled text and the sizes of this latent
         conds += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
                   for side in ("cond", "uncond")]
     if stage.params.get("inpaint"):   # an inpainting UNet's extra channels: mask and masked latent image
         conds.append(concat_cond(noise, x0, denoise_mask))
     if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
         conds[:2] = common_length(conds[:2], int(stage.params["max_context_tokens"]), stage.describe())
-    model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device)
+    model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device, guided)
 
     callback = None
     if ctx.on_step is not None:

@@ -30,6 +30,10 @@ def fake_lowering(monkeypatch):
         calls["denoisers"].append((node.id, cfg, positive, negative))
         return torch.nn.Identity()
 
+    def build_guided_denoiser(model, cfg, options, tensor_names):
+        calls["denoisers"].append(("guided", cfg, options, tensor_names))
+        return torch.nn.Identity()
+
     def lower(program, output: Path, progress):
         calls["program"] = program
         for i, stage in enumerate(program.stages):
@@ -43,6 +47,8 @@ def fake_lowering(monkeypatch):
                            ("lower", "lower", lower)):
         module = types.ModuleType(f"kiln.compiler.lower.{name}")
         setattr(module, attr, fn)
+        if name == "denoiser":
+            module.build_guided_denoiser = build_guided_denoiser
         setattr(package, name, module)
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(sys.modules, "kiln.compiler.lower", package)

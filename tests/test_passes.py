@@ -164,6 +164,20 @@ def test_an_sdxl_runtime_prompt_tokenizes_for_both_encoders(models_dir):
     assert sample.inputs["cond_pooled"] == "6.0.0.pooled_output"
 
 
+def test_several_entries_make_a_guided_sample_stage(models_dir):
+    """Area composition: the sampler reads every conditioning tensor by entry, the denoiser runs the
+    guider's batching on them."""
+    from workflows import area_composition
+
+    c = passes_until(area_composition(), "build_modules", models_dir)
+    sample = next(s for s in c.stages if s.kind == "sample")
+    assert sample.params["guided"] is True and "cond_context" not in sample.inputs
+    assert [n for n in sample.inputs if "." in n] == ["positive.0.cond", "positive.0.pooled_output",
+                                                      "positive.1.cond", "positive.1.pooled_output",
+                                                      "negative.0.cond", "negative.0.pooled_output"]
+    assert sample.module.inputs[:3] == ("x", "sigma", "cfg")
+
+
 def test_preview_image_is_a_preview_save_stage(models_dir):
     workflow = txt2img()
     workflow["30"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
@@ -278,8 +292,8 @@ def test_sdxl_samplers_get_pooled_text_and_size_options(models_dir):
 
 @pytest.mark.parametrize("change,inputs,words", [
     (lambda wf: wf.update({"20": {"class_type": "ConditioningCombine", "inputs": {
-        "conditioning_1": ["6", 0], "conditioning_2": ["7", 0]}}}) or wf["3"]["inputs"].update(positive=["20", 0]),
-     [], ["node 3 (KSampler", "input 'positive'", "one full-area conditioning entry", "found 2 entries"]),
+        "conditioning_1": ["7", 0], "conditioning_2": ["7", 0]}}}) or wf["3"]["inputs"].update(negative=["20", 0]),
+     ["6.text"], ["node 3 (KSampler", "input 'positive'", "several conditioning entries", "runtime values 6.0.0.cond"]),
     (lambda wf: wf.update({"20": {"class_type": "LatentFromBatch", "inputs": {
         "samples": ["3", 0], "batch_index": 0, "length": 1}}}) or wf["8"]["inputs"].update(samples=["20", 0]),
      [], ["node 20 (LatentFromBatch", "input 'samples' reads node 3 (KSampler)", "expected at run time: KSampler"]),
@@ -303,10 +317,10 @@ def test_a_failing_pass_names_itself_and_the_passes_before_it(models_dir):
     wf["20"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64,
                                                                 "x": 0, "y": 0, "strength": 1.0}}
     wf["3"]["inputs"]["positive"] = ["20", 0]
-    message = error_of(lambda: passes_until(wf, "fuse_stages", models_dir))
+    message = error_of(lambda: passes_until(wf, "fuse_stages", models_dir, inputs=["6.text"]))
     assert ("compiler pass 'partition_stages' failed (passes run before it: validate, dead_nodes, "
             "runtime_inputs, merge_identical, fold_constants)") in message
-    assert "options area, set_area_to_bounds, strength" in message
+    assert "node 20 (ConditioningSetArea): unsupported_node: ConditioningSetArea would run at run time" in message
 
 
 # --- value conventions ----------------------------------------------------------------------

@@ -83,6 +83,19 @@ def clip_skip(workflow: dict, layer: int = -2) -> dict:
     return workflow
 
 
+def area_composition() -> dict:
+    """A second prompt on an area of the image (feathered edges, strength 0.8), combined with the
+    full-image prompt: two positive entries."""
+    workflow = txt2img(width=128, height=96)
+    workflow["20"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue sky", "clip": ["4", 1]}}
+    workflow["21"] = {"class_type": "ConditioningSetArea", "inputs": {
+        "conditioning": ["20", 0], "width": 64, "height": 64, "x": 32, "y": 16, "strength": 0.8}}
+    workflow["22"] = {"class_type": "ConditioningCombine",
+                      "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["21", 0]}}
+    workflow["3"]["inputs"]["positive"] = ["22", 0]
+    return workflow
+
+
 # Workflows that compile into other stages than txt2img / img2img / HiRes fix (plan parity tests
 # of each backend).
 PLAN_VARIANTS = {
@@ -91,4 +104,5 @@ PLAN_VARIANTS = {
     "latent-bislerp": latent_hires,
     "inpaint": inpaint,
     "inpaint-model-no-mask": lambda: txt2img("tiny-sd15-inpainting.safetensors"),
+    "area-composition": area_composition,
 }

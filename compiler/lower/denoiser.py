@@ -99,6 +99,60 @@ class Denoiser(nn.Module):
         return x * sd2 / (s ** 2 + sd2) - eps * s * self.sigma_data / (s ** 2 + sd2) ** 0.5
 
 
+class _ExportableModel:
+    """The MODEL handle as the guider's batching sees it, with ``apply_model`` replaced by the
+    denoiser's export-friendly UNet call."""
+
+    def __init__(self, handle, denoiser: Denoiser):
+        self._handle, self._denoiser = handle, denoiser
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+    def apply_model(self, x, sigma, context, y=None, c_concat=None):
+        return self._denoiser._apply_model(x, sigma, context, y, c_concat)
+
+
+class GuidedDenoiser(Denoiser):
+    """``forward(x, sigma, cfg, *conditioning tensors)`` -> ``(denoised, uncond_denoised)`` for
+    conditioning the plain denoiser does not take: several entries per side, areas, masks,
+    strengths. It runs the interpreter's own ``prepare_conds`` + ``calc_cond_batch`` (areas
+    resolved, masks resized, entries batched as ComfyUI batches them) at the concrete latent size
+    it is exported for, then the CFG combine. The tensors arrive as ``<side>.<entry>.<field>``
+    inputs (plan constants); the options (area, strength, ...) are fixed here."""
+
+    def __init__(self, model, cfg: float | None, options: dict[str, list[dict]], tensor_names: list[str]):
+        super().__init__(model, cfg)
+        self.handle = model
+        self.options = options
+        self.inputs = ("x", "sigma", "cfg", *tensor_names)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from kiln.compiler.stages import unflatten
+        from kiln.nodes.guider import calc_cond_batch, prepare_conds
+
+        args = dict(zip(self.inputs, tensors, strict=True))
+        x, sigma, cfg = args["x"], args["sigma"], args["cfg"]
+        conds = {}
+        for side, options in self.options.items():
+            fields = {name[len(side) + 1:]: t for name, t in args.items() if name.startswith(side + ".")}
+            conds[side] = unflatten("CONDITIONING", fields, options)
+        model = _ExportableModel(self.handle, self)
+        prepared = prepare_conds(model, conds, x, x, None)
+        negative = None if self.skip_uncond else prepared["negative"]
+        cond, uncond = calc_cond_batch(model, [prepared["positive"], negative], x, sigma)
+        if self.skip_uncond:
+            return cond, torch.zeros_like(cond)
+        return uncond + (cond - uncond) * cfg, uncond
+
+
+def build_guided_denoiser(model, cfg: float | None, options: dict[str, list[dict]],
+                          tensor_names: list[str]) -> GuidedDenoiser:
+    """The sample stage's module for conditioning beyond one full-area entry per side (the
+    partition pass checked it is constant, without timestep ranges, on a non-inpainting UNet)."""
+    return GuidedDenoiser(model, cfg, options, tensor_names).eval()
+
+
 def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] | None = None,
                    negative: list[dict] | None = None) -> Denoiser:
     """The denoiser module for ``model`` (a ``DiffusionModel``) at guidance ``cfg`` (None: a

@@ -83,7 +83,7 @@ def _params(stage: Stage, program: StagedProgram) -> dict:
     params = dict(stage.params)
     if stage.kind == "tokenize":
         params.update(vocabulary=VOCABULARY_MEMBER, max_chunks=CHUNK_RANGE[1])
-    if stage.kind == "sample" and not _constant_contexts(stage, program.constants):
+    if stage.kind == "sample" and not stage.params.get("guided") and not _constant_contexts(stage, program.constants):
         params["max_context_tokens"] = CONTEXT_CHUNK_RANGE[1] * TOKENS_PER_CHUNK
     return params
 
@@ -208,8 +208,16 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
     sigma = ArgSpec(torch.linspace(1.0, 2.0, shape[0], device=latent.device),
                     {0: x.dynamic[0]} if 0 in x.dynamic else {}, {0: x_required[0]} if 0 in x_required else {})
     cfg = stage.inputs.get("cfg")
+    cfg_arg = ArgSpec(env[cfg].float() if cfg else torch.tensor(float(stage.params["cfg"])), {}, {})
+    if stage.params.get("guided"):   # areas and masks resolve at one latent size: nothing dynamic
+        fixed = walks.fixed[latent_name]
+        x = ArgSpec(torch.zeros(fixed.shape, dtype=torch.float32, device=fixed.device), {}, x_required)
+        sigma = ArgSpec(torch.linspace(1.0, 2.0, fixed.shape[0], device=fixed.device), {},
+                        {0: x_required[0]} if 0 in x_required else {})
+        tensors = [ArgSpec(env[stage.inputs[name]], {}, {}) for name in stage.module.inputs[3:]]
+        return [x, sigma, cfg_arg, *tensors], list(stage.module.inputs)
     args = [x, sigma] + _context_args(stage, env, walks.program.constants)
-    args.append(ArgSpec(env[cfg].float() if cfg else torch.tensor(float(stage.params["cfg"])), {}, {}))
+    args.append(cfg_arg)
     if "sdxl" in stage.params:
         args += [ArgSpec(sdxl_y(stage.params["sdxl"], side, env[stage.inputs[f"{side}_pooled"]], shape), {}, {})
                  for side in ("cond", "uncond")]

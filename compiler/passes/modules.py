@@ -10,17 +10,22 @@ def build_modules(c: Compilation) -> Compilation:
     """Attach ``Stage.module``: the denoiser (UNet + CFG batch and combine) of each sample stage,
     the fused chain of each module stage (``kiln.compiler.lower``).
 
-    Guarantees: every ``sample`` and ``module`` stage has a module; the others have none. A
+    Guarantees: every ``sample`` and ``module`` stage has a module (a guided denoiser for
+    conditioning beyond one full-area entry per side); the others have none. A
     runtime cfg builds the full CFG denoiser (``cfg=None``); a constant cfg of 1 lets the
     denoiser skip the negative side.
     """
     from kiln.compiler.lower.chains import build_chain
-    from kiln.compiler.lower.denoiser import build_denoiser
+    from kiln.compiler.lower.denoiser import build_denoiser, build_guided_denoiser
 
     def with_module(stage: Stage) -> Stage:
         if stage.kind == "sample":
             node = c.graph.nodes[stage.node_ids[0]]
             model = c.handles[node.inputs["model"].node_id][node.inputs["model"].slot]
+            if stage.params.get("guided"):
+                options = {side: c.values[node.inputs[side]].meta for side in ("positive", "negative")}
+                names = [name for name in stage.inputs if name.startswith(("positive.", "negative."))]
+                return replace(stage, module=build_guided_denoiser(model, stage.params.get("cfg"), options, names))
             return replace(stage, module=build_denoiser(model, stage.params.get("cfg"), node=node,
                                                         positive=c.values[node.inputs["positive"]].meta,
                                                         negative=c.values[node.inputs["negative"]].meta))

@@ -156,9 +156,12 @@ class _Partition:
         inputs = {"latent": latent.fields["samples"]}
         if "noise_mask" in latent.fields:
             inputs["noise_mask"] = latent.fields["noise_mask"]
-        sdxl = {}
-        for side, local in (("positive", "cond"), ("negative", "uncond")):
-            cond = self._single_entry(node, side, model)
+        sdxl, guided = {}, not all(self._is_single_entry(self.values[node.inputs[side]], model)
+                                   for side in ("positive", "negative"))
+        if guided:
+            inputs.update(self._guided_inputs(node, model))
+        for side, local in () if guided else (("positive", "cond"), ("negative", "uncond")):
+            cond = self.values[node.inputs[side]]
             inputs[f"{local}_context"] = cond.fields["0.cond"]
             if model.arch == "sdxl":
                 if "0.pooled_output" not in cond.fields:
@@ -173,6 +176,8 @@ class _Partition:
             params["sdxl"] = {"embed_dim": model.info.adm_embed_dim, **sdxl}
         if model.in_channels != channels:
             params["inpaint"] = True
+        if guided:
+            params["guided"] = True
         if (latent.meta or {}).get("batch_index") is not None:
             params["batch_index"] = list(latent.meta["batch_index"])
         out = f"{node.id}.0.samples"
@@ -180,17 +185,32 @@ class _Partition:
                                  {"samples": out}, params))
         self.values[Link(node.id, 0)] = EnvValue("LATENT", {**latent.fields, "samples": out}, latent.meta)
 
-    def _single_entry(self, node: Node, side: str, model) -> EnvValue:
-        cond = self.values[node.inputs[side]]
+    @staticmethod
+    def _is_single_entry(cond: EnvValue, model) -> bool:
+        """One full-area entry (SDXL may carry its size options): the denoiser's inputs are then
+        the two contexts, which may be runtime values."""
         allowed = SDXL_SIZE_OPTIONS if model.arch == "sdxl" else frozenset()
-        extra_tensors = sorted(set(cond.fields) - {"0.cond", "0.pooled_output"})
-        if len(cond.meta) != 1 or extra_tensors or set(cond.meta[0]) - allowed:
-            found = (f"{len(cond.meta)} entries" if len(cond.meta) != 1 else
-                     "options " + ", ".join(sorted(set(cond.meta[0]) - allowed) + [t[2:] for t in extra_tensors]))
-            self._refuse(node, side, "compiled plans take one full-area conditioning entry per side "
-                         "(no ConditioningCombine, areas, masks or timestep ranges)",
-                         "one entry with cond and pooled_output", found)
-        return cond
+        return (len(cond.meta) == 1 and not set(cond.fields) - {"0.cond", "0.pooled_output"}
+                and not set(cond.meta[0]) - allowed)
+
+    def _guided_inputs(self, node: Node, model) -> dict[str, str]:
+        """Several entries, areas, masks or strengths on a side: the denoiser then runs the
+        guider's batching on them (``compiler/lower/denoiser.py: GuidedDenoiser``), which needs
+        every conditioning tensor to be a constant, no timestep ranges and no inpainting UNet.
+        Returns ``<side>.<entry>.<field>`` -> constant env name for every tensor."""
+        inputs = {}
+        for side in ("positive", "negative"):
+            cond = self.values[node.inputs[side]]
+            runtime = sorted(env for env in cond.fields.values() if env not in self.c.constants)
+            timed = sorted({k for entry in cond.meta for k in ("start_percent", "end_percent") if k in entry})
+            if runtime or timed or model.in_channels != model.latent_format.channels:
+                found = (f"runtime values {', '.join(runtime)}" if runtime else
+                         f"options {', '.join(timed)}" if timed else "an inpainting UNet")
+                self._refuse(node, side, "several conditioning entries, areas or masks compile only with constant "
+                             "prompts, no timestep ranges and a UNet without inpainting channels",
+                             "constant conditioning without start/end percent", found)
+            inputs.update({f"{side}.{field}": env for field, env in cond.fields.items()})
+        return inputs
 
     def _empty_latent(self, node: Node) -> None:
         widgets, runtime = self._widgets(node)
