@@ -8,16 +8,15 @@ to unflatten a call spec that for kiln's stages is always "tensors in, tensors o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from kiln.runtime.errors import PlanError
+from kiln.runtime.files import atomic_file
 
 _MODEL_NAME = "model"   # the name aoti_compile_and_package gives a single-model package
 
@@ -36,21 +35,17 @@ def sha256_of(data) -> str:
 
 def cached_artifact(data, sha256: str) -> Path:
     """A file holding ``data`` (bytes-like whose hash is ``sha256``), written atomically if needed."""
-    folder = cache_dir() / "aoti"
-    path = folder / f"{sha256}.pt2"
+    path = cache_dir() / "aoti" / f"{sha256}.pt2"
     if path.is_file() and path.stat().st_size == len(data) and sha256_of(path.read_bytes()) == sha256:
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kiln-", suffix=".pt2.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data)
     return path
+
+
+def write_atomically(path: Path, data) -> None:
+    """``data`` (bytes-like) at ``path``, never seen half-written (a cache shared by processes)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _device_index(device: torch.device) -> int:

@@ -7,18 +7,18 @@ temporary name and renamed, never left half-written.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
-import tempfile
 from datetime import datetime
 
 import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from kiln.runtime.files import atomic_file
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -52,24 +52,12 @@ def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prom
         metadata.add_text(key, json.dumps(value))
     paths = []
     for batch_number, image in enumerate(images):
-        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        paths.append(_write_atomically(Image.fromarray(to_uint8(image)), os.path.join(folder, name), metadata,
-                                       compress_level))
+        path = os.path.join(folder, f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png")
+        with atomic_file(path) as f:
+            Image.fromarray(to_uint8(image)).save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
+        paths.append(path)
         counter += 1
     return paths
-
-
-def _write_atomically(img: Image.Image, path: str, metadata: PngInfo, compress_level: int) -> str:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kiln-", suffix=".png.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_image_path(filename_prefix: str, output_dir: str, image_width: int = 0,

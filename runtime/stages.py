@@ -148,20 +148,17 @@ class CompiledDenoiser:
     combined_prediction = True
 
     def __init__(self, run: Callable[..., list[torch.Tensor]], model_sampling: ModelSamplingDiscrete,
-                 conds: list[torch.Tensor], cfg: float, device: torch.device, guided: bool = False):
+                 contexts: list[torch.Tensor], extra: list[torch.Tensor], cfg: float, device: torch.device):
         self._run = run
         self.model_sampling = model_sampling
         self.cfg = cfg
-        # cond_context, uncond_context[, cond_y, uncond_y (SDXL)][, c_concat (inpainting)]; or for a
-        # guided denoiser every conditioning tensor, which it takes after cfg
-        self._conds = conds
-        self._guided = guided
+        # The module's inputs around cfg: (cond, uncond) contexts before it; after it SDXL's ys and
+        # an inpainting UNet's c_concat, or for a guided denoiser every conditioning tensor.
+        self._contexts, self._extra = contexts, extra
         self._cfg = torch.tensor(cfg, dtype=torch.float32, device=device)
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
-        if self._guided:
-            return self._run(x, sigma, self._cfg, *self._conds)
-        return self._run(x, sigma, *self._conds[:2], self._cfg, *self._conds[2:])
+        return self._run(x, sigma, *self._contexts, self._cfg, *self._extra)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None,
                  seed: int | None = None, **_: object) -> torch.Tensor:
@@ -207,19 +204,18 @@ def _sample(stage: StageSpec, args: dict[str, Any], ctx: StageContext) -> dict[s
     denoise_mask = None if mask is None else prepare_mask(mask, x0.shape).to(device)
     if torch.count_nonzero(x0) > 0:   # ComfyUI leaves the empty latent unscaled
         x0 = latent_format.process_in(x0)
-    guided = bool(stage.params.get("guided"))
-    if guided:   # the conditioning tensors in stage order (the guided denoiser's inputs after cfg)
-        conds = [args[name].to(device) for name in stage.inputs if name.startswith(_GUIDED_PREFIXES)]
+    if stage.params.get("guided"):   # every conditioning tensor, in stage order, after cfg
+        contexts, extra = [], [args[name].to(device) for name in stage.inputs if name.startswith(_GUIDED_PREFIXES)]
     else:
-        conds = [args[name].to(device) for name in ("cond_context", "uncond_context")]
-    if "sdxl" in stage.params and not guided:   # y from each side's pooled text and the sizes of this latent
-        conds += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
+        contexts, extra = [args[name].to(device) for name in ("cond_context", "uncond_context")], []
+    if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
+        contexts = common_length(contexts, int(stage.params["max_context_tokens"]), stage.describe())
+    if "sdxl" in stage.params:   # y from each side's pooled text and the sizes of this latent
+        extra += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
                   for side in ("cond", "uncond")]
     if stage.params.get("inpaint"):   # an inpainting UNet's extra channels: mask and masked latent image
-        conds.append(concat_cond(noise, x0, denoise_mask))
-    if "max_context_tokens" in stage.params:   # a runtime prompt: the denoiser takes equal lengths
-        conds[:2] = common_length(conds[:2], int(stage.params["max_context_tokens"]), stage.describe())
-    model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, conds, float(setting("cfg")), device, guided)
+        extra.append(concat_cond(noise, x0, denoise_mask))
+    model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, contexts, extra, float(setting("cfg")), device)
 
     callback = None
     if ctx.on_step is not None:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from kiln.api import run_workflow
+from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
@@ -35,6 +36,14 @@ def cache_dir(path):
             del os.environ["KILN_CACHE_DIR"]
         else:
             os.environ["KILN_CACHE_DIR"] = old
+
+
+def plan_compiler(folder, models_dir, input_dir, backend: str):
+    """``build(name, workflow, inputs=(), dtype="fp32") -> plan path``, compiled into ``folder``."""
+    def build(name: str, workflow: dict, inputs=(), dtype: str = "fp32"):
+        return compile_workflow(workflow, models=models_dir, input_dir=input_dir, inputs=inputs, backend=backend,
+                                dtype=dtype, output=folder / f"{name}.plan")
+    return build
 
 
 def compiled_files(cache) -> set[str]:

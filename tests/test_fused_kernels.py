@@ -172,7 +172,8 @@ def _vector_run(name, fused: bool, batch_extra: int = 0):
     sigmas = tensors("samplers")[f"sigmas/{key}"]
     noise = tensors("samplers")["input/noise_seed42_1x4x8x8"]
     if batch_extra:
-        noise = torch.cat([noise, torch.randn((batch_extra,) + noise.shape[1:], generator=torch.Generator().manual_seed(7))])
+        extra = torch.randn((batch_extra,) + noise.shape[1:], generator=torch.Generator().manual_seed(7))
+        noise = torch.cat([noise, extra])
     x0 = noise * sigmas[0]
     model, seen = (SplitToy() if fused else ToyDenoiser()), []
     sampler = get_fused_sampler(name) if fused else get_sampler(name)

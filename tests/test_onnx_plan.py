@@ -16,14 +16,14 @@ from PIL import Image
 from kiln.api import run_workflow
 from kiln.cli import main
 from kiln.compiler.lower.onnx_export import OPSET
-from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
 from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
-from plan_parity import LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files
+from plan_parity import (LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files,
+                         plan_compiler)
 from workflows import PLAN_VARIANTS, clip_skip, hires_fix, img2img, txt2img
 
 T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
@@ -37,12 +37,7 @@ def onnx_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compile_onnx(onnx_cache, models_dir, input_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onnx-plans")
-
-    def build(name: str, workflow: dict, inputs=()):
-        return compile_workflow(workflow, models=models_dir, input_dir=input_dir, inputs=inputs, backend="onnx",
-                                output=folder / f"{name}.plan")
-    return build
+    return plan_compiler(tmp_path_factory.mktemp("onnx-plans"), models_dir, input_dir, "onnx")
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from kiln.compiler.errors import KilnError
-from kiln.compiler.pipeline import compile_workflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
-from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files
+from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files, plan_compiler
 from workflows import PLAN_VARIANTS, hires_fix, img2img, txt2img, variant
 
 
@@ -28,12 +27,7 @@ def kiln_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compile_plan(kiln_cache, models_dir, input_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plans")
-
-    def build(name: str, workflow: dict, inputs=(), dtype="fp32"):
-        return compile_workflow(workflow, models=models_dir, input_dir=input_dir, inputs=inputs, backend="aoti",
-                                dtype=dtype, output=folder / f"{name}.plan")
-    return build
+    return plan_compiler(tmp_path_factory.mktemp("plans"), models_dir, input_dir, "aoti")
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +49,10 @@ def hires_plan(hires_compile):
 
 
 # --- the denoiser module, eagerly (no compile) ---------------------------------------------
-@pytest.mark.parametrize("ckpt,cfg,mask", [("tiny-sd15.safetensors", 7.0, False), ("tiny-sd15.safetensors", 1.0, False),
-                                           ("tiny-sd2-v.safetensors", 5.5, False), ("tiny-sdxl.safetensors", 6.0, False),
-                                           ("tiny-sd15-inpainting.safetensors", 7.0, True),
-                                           ("tiny-sd15-inpainting.safetensors", 4.0, False)])
+@pytest.mark.parametrize("ckpt,cfg,mask", [
+    ("tiny-sd15.safetensors", 7.0, False), ("tiny-sd15.safetensors", 1.0, False),
+    ("tiny-sd2-v.safetensors", 5.5, False), ("tiny-sdxl.safetensors", 6.0, False),
+    ("tiny-sd15-inpainting.safetensors", 7.0, True), ("tiny-sd15-inpainting.safetensors", 4.0, False)])
 def test_denoiser_module_equals_guider(models_dir, ckpt, cfg, mask):
     from kiln.compiler.lower.denoiser import build_denoiser
     from kiln.kernels.inpaint import concat_cond

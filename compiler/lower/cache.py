@@ -9,18 +9,15 @@ architecture share their artifacts. Lives under ``$KILN_CACHE_DIR`` or ``~/.cach
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from typing import Callable
 
 import torch
 from torch.export import ExportedProgram
 
 from kiln.compiler.lower.export import INDUCTOR_CONFIGS, aoti_compile
-from kiln.runtime.artifacts import cache_dir
+from kiln.runtime.artifacts import cache_dir, write_atomically
 from kiln.runtime.manifest import ARTIFACT_SUFFIXES
 
 # Bump when lowering changes what an identical graph compiles to.
@@ -48,14 +45,5 @@ def compiled_artifact(ep: ExportedProgram, target: dict,
     if path.is_file():
         return path.read_bytes(), True
     data = build(ep)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kiln-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data)
     return data, False

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from kiln.compiler.errors import KilnError, Problem
+from kiln.compiler.stages import unflatten
+from kiln.nodes.guider import calc_cond_batch, prepare_conds
 
 # diffusers' UNet passes the skip connection's size to its upsamplers only when the input is
 # not a multiple of 2**num_upsamplers; that test is a guard torch.export cannot keep dynamic.
@@ -123,24 +125,20 @@ class GuidedDenoiser(Denoiser):
 
     def __init__(self, model, cfg: float | None, options: dict[str, list[dict]], tensor_names: list[str]):
         super().__init__(model, cfg)
-        self.handle = model
+        self.model = _ExportableModel(model, self)   # a plain attribute: the UNet is registered once, as unet
         self.options = options
         self.inputs = ("x", "sigma", "cfg", *tensor_names)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from kiln.compiler.stages import unflatten
-        from kiln.nodes.guider import calc_cond_batch, prepare_conds
-
         args = dict(zip(self.inputs, tensors, strict=True))
         x, sigma, cfg = args["x"], args["sigma"], args["cfg"]
         conds = {}
         for side, options in self.options.items():
             fields = {name[len(side) + 1:]: t for name, t in args.items() if name.startswith(side + ".")}
             conds[side] = unflatten("CONDITIONING", fields, options)
-        model = _ExportableModel(self.handle, self)
-        prepared = prepare_conds(model, conds, x, x, None)
+        prepared = prepare_conds(self.model, conds, x, x, None)
         negative = None if self.skip_uncond else prepared["negative"]
-        cond, uncond = calc_cond_batch(model, [prepared["positive"], negative], x, sigma)
+        cond, uncond = calc_cond_batch(self.model, [prepared["positive"], negative], x, sigma)
         if self.skip_uncond:
             return cond, torch.zeros_like(cond)
         return uncond + (cond - uncond) * cfg, uncond

@@ -201,12 +201,7 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
                 list(stage.inputs))
     latent_name = stage.inputs["latent"]
     latent = env[latent_name]
-    x_free = {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
     x_required = walks.driven(latent_name)
-    shape = [max(2, latent.shape[0]) if opportunistic else latent.shape[0], *latent.shape[1:]]
-    x = _arg(torch.zeros(shape, dtype=torch.float32, device=latent.device), x_free, x_required, opportunistic)
-    sigma = ArgSpec(torch.linspace(1.0, 2.0, shape[0], device=latent.device),
-                    {0: x.dynamic[0]} if 0 in x.dynamic else {}, {0: x_required[0]} if 0 in x_required else {})
     cfg = stage.inputs.get("cfg")
     cfg_arg = ArgSpec(env[cfg].float() if cfg else torch.tensor(float(stage.params["cfg"])), {}, {})
     if stage.params.get("guided"):   # areas and masks resolve at one latent size: nothing dynamic
@@ -216,6 +211,11 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
                         {0: x_required[0]} if 0 in x_required else {})
         tensors = [ArgSpec(env[stage.inputs[name]], {}, {}) for name in stage.module.inputs[3:]]
         return [x, sigma, cfg_arg, *tensors], list(stage.module.inputs)
+    x_free = {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
+    shape = [max(2, latent.shape[0]) if opportunistic else latent.shape[0], *latent.shape[1:]]
+    x = _arg(torch.zeros(shape, dtype=torch.float32, device=latent.device), x_free, x_required, opportunistic)
+    sigma = ArgSpec(torch.linspace(1.0, 2.0, shape[0], device=latent.device),
+                    {0: x.dynamic[0]} if 0 in x.dynamic else {}, {0: x_required[0]} if 0 in x_required else {})
     args = [x, sigma] + _context_args(stage, env, walks.program.constants)
     args.append(cfg_arg)
     if "sdxl" in stage.params:
