@@ -1,5 +1,5 @@
 """ModelSamplingDiscrete, CFG combine and latent formats against ComfyUI
-(../shared/comfyui_vectors/schedules.* and cfg_scaling.*)."""
+(tests/data/comfyui_vectors/schedules.* and cfg_scaling.*)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Noise streams against ComfyUI (../shared/comfyui_vectors/noise.* and samplers.* noise_draws)."""
+"""Noise streams against ComfyUI (tests/data/comfyui_vectors/noise.* and samplers.* noise_draws)."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Classic, DPM-Solver and DPM-Solver++ samplers against ComfyUI's toy-model runs
-(../shared/comfyui_vectors/samplers.*, README section 3)."""
+(tests/data/comfyui_vectors/samplers.*, README section 3)."""
 import pytest
 import torch
 

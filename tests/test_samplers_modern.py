@@ -71,8 +71,8 @@ def test_final_and_model_calls_match_comfyui(name):
 def test_noise_draws_match_comfyui(name, monkeypatch):
     _, _, _, draws = _run(name, monkeypatch, NOISY[name])
     run = meta("samplers")["runs"][f"{name}/karras10"]
-    assert [(s, n) for s, n, _ in draws] == pytest.approx(
-        [(d["sigma"], d["sigma_next"]) for d in run["noise_draws"]], rel=1e-6)
+    assert [v for s, n, _ in draws for v in (s, n)] == pytest.approx(
+        [v for d in run["noise_draws"] for v in (d["sigma"], d["sigma_next"])], rel=1e-6)
     expected = tensors("samplers")[f"noise_draws/{name}/karras10"]
     assert torch.equal(torch.cat([noise for _, _, noise in draws]), expected)
 

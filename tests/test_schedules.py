@@ -1,4 +1,4 @@
-"""Sigma schedules against ComfyUI's own KSampler.sigmas (../shared/comfyui_vectors/schedules.*)."""
+"""Sigma schedules against ComfyUI's own KSampler.sigmas (tests/data/comfyui_vectors/schedules.*)."""
 import pytest
 import torch
 
