@@ -5,8 +5,10 @@ Two tables, at SD1.5 (4x64x64) and SDXL (4x128x128) latents, batch 1 and 4:
 * step kernels: one ``kiln::fused_*`` launch vs the same math as eager torch (the twin), with the
   bytes the step must move (its inputs and outputs once) and the effective bandwidth as a
   fraction of the device's measured copy bandwidth;
-* sampler steps: a whole fused sampler loop vs the eager sampler (CFG combine + step functions)
-  with a zero-cost model that returns fixed cond/uncond predictions, per step, host work included.
+* sampler steps: each sampler loop with its steps on the Triton kernels vs the same loop on the
+  torch twins (step mode ``off``: eager torch, the CFG combine as separate ops), with a zero-cost
+  model that returns fixed cond/uncond predictions, per step, host work included. Samplers without
+  step kernels are left out.
 
 Without a CUDA device it says so and exits 0: Triton kernels do not run on CPU, and no numbers
 are made up. Usage: ``python benchmarks/bench_kernels.py [--samplers euler,dpmpp_2m] [--steps 20]``.
@@ -21,12 +23,11 @@ import time
 
 import torch
 
-from kiln.kernels.cfg import cfg_function
-from kiln.kernels.fused import dispatch, loop
-from kiln.kernels.fused.ops import FAMILIES
-from kiln.kernels.fused.samplers import FUSED_SAMPLER_NAMES, get_fused_sampler
+from kiln.kernels.cfg import Denoiser, Prediction
+from kiln.kernels.fused import dispatch
+from kiln.kernels.fused.families import FAMILIES
 from kiln.kernels.model_sampling import ModelSamplingDiscrete
-from kiln.kernels.samplers import get_sampler
+from kiln.kernels.samplers import SAMPLER_NAMES, get_sampler, stepper
 from kiln.kernels.schedules import karras
 
 LATENTS = {"sd15 4x64x64": (4, 64, 64), "sdxl 4x128x128": (4, 128, 128)}
@@ -40,10 +41,10 @@ KERNEL_CASES = {
     "multistep": (("uncond", "h1", "h2", "h3"), ("d",), {"sequential": 0}),
     "expint": (("uncond", "old"), ("den",), {}),
     "sde_multistep": (("uncond", "h1", "h2", "noise"), ("den",), {"mode": 3}),
-    "res": (("uncond", "old", "noise"), ("den",), {"cfg_pp": 0}),
-    "cfgpp_euler": (("uncond", "noise"), (), {}),
-    "cfgpp_2s": (("uncond", "den1", "noise"), (), {}),
-    "cfgpp_2m": (("uncond", "old"), (), {}),
+    "res": (("uncond", "old", "noise"), ("den",), {"cfg_pp": 0, "combined": 0}),
+    "cfgpp_euler": (("uncond", "noise"), (), {"combined": 0}),
+    "cfgpp_2s": (("uncond", "den1", "noise"), (), {"combined": 0}),
+    "cfgpp_2m": (("uncond", "old"), (), {"combined": 0}),
     "ddpm": (("uncond", "noise"), (), {"rescale": 1}),
     "er_sde": (("uncond", "old", "old_d", "noise"), ("den", "den_d"), {"stage": 3}),
     "unipc": (("uncond", "xin", "m0", "m1", "m2"), (), {"nc": 2, "np": 2, "final": 0}),
@@ -95,7 +96,7 @@ def kernel_rows(device: torch.device, batch: int, latent: tuple, repeats: int, i
         store = frozenset(store)
 
         def fused():
-            return dispatch.step(family, coef, CFG, store=store, **inputs, **switches)
+            return dispatch.step(family, coef, CFG, store=store, **inputs, **switches)   # auto: the op on CUDA
 
         def twin():
             stores = {f"store_{name}": name in store for name in fam.stored}
@@ -108,56 +109,52 @@ def kernel_rows(device: torch.device, batch: int, latent: tuple, repeats: int, i
     return rows
 
 
-class _ConstantSplit:
-    """A split denoiser whose predictions cost nothing: isolates the sampler's own per-step work."""
+class _Constant(Denoiser):
+    """A denoiser whose predictions cost nothing: isolates the sampler's own per-step work."""
 
     def __init__(self, cond, uncond):
-        self.cond, self.uncond, self.cfg = cond, uncond, CFG
+        self.cond, self.uncond = cond, uncond
         self.model_sampling = ModelSamplingDiscrete("eps")
 
     def predict(self, x, sigma, **_):
-        return self.cond, self.uncond
-
-
-class _ConstantCombined(_ConstantSplit):
-    """The eager counterpart: the same predictions through ComfyUI's CFG combine (and its hooks)."""
-
-    def __call__(self, x, sigma, model_options=None, **_):
-        return cfg_function(self.cond, self.uncond, self.cfg, x, sigma, model_options or {})
+        return Prediction(self.cond, self.uncond, CFG)
 
 
 def sampler_rows(names, device: torch.device, batch: int, latent: tuple, steps: int, repeats: int) -> list[dict]:
-    """Per sampler: ms per step of the fused loop and of the eager sampler, and bytes the kernels move."""
+    """Per sampler with step kernels: ms per step on the kernels (``auto``) and on the twins
+    (``off``), and the bytes the kernels move per step."""
     gen = torch.Generator(device=device).manual_seed(0)
     cond, uncond, x0, noise = (torch.randn((batch,) + latent, generator=gen, device=device) for _ in range(4))
     sigmas = karras(ModelSamplingDiscrete("eps"), steps).to(device)
     moved = [0]
-    real_step = loop.step
+    real_step = stepper.step
 
-    def counting_step(family, coef, scale, *, store=(), **kwargs):
-        outs = real_step(family, coef, scale, store=store, **kwargs)
+    def counting_step(family, coef, scale, **kwargs):
+        outs = real_step(family, coef, scale, **kwargs)
         moved[0] += _nbytes(kwargs.values()) + _nbytes(outs)
         return outs
 
     rows = []
     for name in names:
-        fused_fn, eager_fn = get_fused_sampler(name), get_sampler(name)
+        sampler = get_sampler(name)
         options = {}
-        if "noise_sampler" in inspect.signature(eager_fn).parameters:
+        if "noise_sampler" in inspect.signature(sampler).parameters:
             options["noise_sampler"] = lambda sigma, sigma_next: noise   # no Brownian tree on the host
-        extra = {"model_options": {}, "seed": 0}
-        loop.step = counting_step
+
+        def run(mode: str):
+            return sampler(_Constant(cond, uncond), x0, sigmas, {"seed": 0, "step_mode": mode}, **options)
+
+        stepper.step = counting_step
         try:
             moved[0] = 0
-            fused_fn(_ConstantSplit(cond, uncond), x0, sigmas, extra, **options)
-            bytes_per_step = moved[0] / steps
+            run("auto")
         finally:
-            loop.step = real_step
-        fused_ms = time_ms(lambda: fused_fn(_ConstantSplit(cond, uncond), x0, sigmas, extra, **options),
-                           device, repeats) / steps
-        eager_ms = time_ms(lambda: eager_fn(_ConstantCombined(cond, uncond), x0, sigmas, extra, **options),
-                           device, repeats) / steps
-        rows.append({"sampler": name, "bytes_per_step": bytes_per_step, "fused_ms": fused_ms, "eager_ms": eager_ms})
+            stepper.step = real_step
+        if moved[0] == 0:   # no step kernels: nothing to compare
+            continue
+        rows.append({"sampler": name, "bytes_per_step": moved[0] / steps,
+                     "fused_ms": time_ms(lambda: run("auto"), device, repeats) / steps,
+                     "eager_ms": time_ms(lambda: run("off"), device, repeats) / steps})
     return rows
 
 
@@ -167,7 +164,7 @@ def _gbs(nbytes: float, ms: float) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samplers", default=",".join(sorted(FUSED_SAMPLER_NAMES)))
+    parser.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
@@ -176,8 +173,7 @@ def main(argv=None) -> int:
               "(on CPU the twins are used), so nothing was measured.")
         return 0
     if dispatch.backend(torch.zeros(1, device="cuda")) != "op":
-        print(f"bench_kernels: fused kernels are switched off (mode {dispatch.get_mode()!r}, KILN_FUSED); "
-              "nothing was measured.")
+        print("bench_kernels: Triton is not installed; nothing was measured.")
         return 0
     device = torch.device("cuda")
     names = [n for n in args.samplers.split(",") if n]
@@ -195,7 +191,7 @@ def main(argv=None) -> int:
                       f"{fb:.0f} | {100 * fb * 1e9 / copy_bw:.0f}% | {r['twin_ms'] * 1e3:.1f} | {tb:.0f} | "
                       f"{100 * tb * 1e9 / copy_bw:.0f}% | {r['twin_ms'] / r['fused_ms']:.2f}x |")
     print(f"\n## Sampler steps ({args.steps} karras steps, constant model outputs, cfg {CFG}; host work included)\n")
-    print("| sampler | latent | batch | MB moved/step | fused ms/step | eager ms/step | speedup | fused GB/s | % copy |")
+    print("| sampler | latent | batch | MB moved/step | kernels ms/step | twins ms/step | speedup | kernels GB/s | % copy |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, latent in LATENTS.items():
         for batch in BATCHES:

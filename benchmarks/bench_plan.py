@@ -76,9 +76,11 @@ def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backen
     from kiln.compiler.pipeline import run_passes
     from kiln.compiler.stages import Compilation, CompileOptions
     from kiln.compiler.workflow import parse_workflow
+    from kiln.kernels.settings import Settings
     from kiln.nodes.folders import ModelFolders
 
-    options = CompileOptions(models=ModelFolders.from_models_dir(models), backend=backend, inputs=inputs)
+    options = CompileOptions(models=ModelFolders.from_models_dir(models), backend=backend, inputs=inputs,
+                             settings=Settings(cache_dir=cache))
     start = time.perf_counter()
     program = run_passes(Compilation(parse_workflow(workflow), options)).program()
     stages = [{"stage": "passes (validate, fold, ...)", "seconds": time.perf_counter() - start, "cached": None}]
@@ -94,7 +96,7 @@ def compile_plan(workflow: dict, models: Path, output: Path, cache: Path, backen
             state["files"] = files
         state.update(name=name, start=now)
 
-    lower(program, output, progress)
+    lower(program, output, cache, progress)
     stages.append({"stage": "write plan", "seconds": time.perf_counter() - state["start"], "cached": None})
     return stages
 
@@ -116,21 +118,22 @@ class Interpreter:
     def __call__(self) -> str:
         from kiln.compiler.interpreter import run_graph
 
-        self.ctx.cache.pop("saved_images", None)
         return run_graph(self.graph, self.ctx).saved[-1]
 
 
 class Plan:
     def __init__(self, path: Path, output: Path):
+        from kiln.kernels.settings import Settings
         from kiln.runtime.plan import load_plan
 
-        self.plan = load_plan(path)
+        self.settings = Settings.from_environment()   # a child process: KILN_CACHE_DIR from the parent
+        self.plan = load_plan(path, settings=self.settings)
         self.output = output
 
     def __call__(self) -> str:
         from kiln.runtime.executor import run_plan
 
-        return run_plan(self.plan, {}, output_dir=self.output).saved[-1]
+        return run_plan(self.plan, {}, output_dir=self.output, settings=self.settings).saved[-1]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -269,15 +272,15 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(all_configs)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if not args.shared_cache:
-        os.environ["KILN_CACHE_DIR"] = str(args.workdir / "cache")
-    from kiln.runtime.artifacts import cache_dir
+    from kiln.kernels.settings import Settings
+
+    cache = args.workdir / "cache" if not args.shared_cache else Settings.from_environment().artifact_cache
 
     write_models(args.workdir / "models", full=any(n.startswith("sd15") for n in names))
     rows = []
     for name in names:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        for row in bench(name, all_configs[name], args.workdir, cache_dir(), args.reps, args.warm_runs,
+        for row in bench(name, all_configs[name], args.workdir, cache, args.reps, args.warm_runs,
                          args.backends.split(",")):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("compile", "samples")}), file=sys.stderr)

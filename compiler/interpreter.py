@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Graph, Link
+from kiln.kernels.errors import KilnError, Problem
 from kiln.nodes import registry
-from kiln.nodes.registry import RunContext
+from kiln.nodes.registry import RunContext, UiOutput
+from kiln.runtime.images import WrittenImages
 
 
 @dataclass
@@ -27,11 +28,9 @@ class NodeTiming:
 
 
 @dataclass
-class RunResult:
+class RunResult(WrittenImages):
     outputs: dict[str, tuple] = field(default_factory=dict)   # the output nodes' results
     timings: list[NodeTiming] = field(default_factory=list)
-    saved: list[str] = field(default_factory=list)            # files written by SaveImage
-    previews: list[str] = field(default_factory=list)         # PreviewImage's, under .preview/
 
 
 def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None,
@@ -68,12 +67,13 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
                                          node_id=node_id, class_type=node.class_type,
                                          title=node.title)]) from exc
             result.timings.append(NodeTiming(node_id, node.class_type, time.perf_counter() - start))
+            if isinstance(out, UiOutput):
+                result.images[node_id] = list(out.images)
+                out = ()
             values[node_id] = tuple(out) if out is not None else ()
             for _, link in node.links():
                 remaining_uses[link.node_id] -= 1
                 if remaining_uses[link.node_id] == 0 and link.node_id not in keep:
                     del values[link.node_id]
     result.outputs = {node_id: values[node_id] for node_id in keep if node_id in values}
-    result.saved = list(ctx.cache.get("saved_images", []))
-    result.previews = list(ctx.cache.get("preview_images", []))
     return result

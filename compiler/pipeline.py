@@ -3,26 +3,30 @@
     validate -> dead_nodes -> runtime_inputs -> merge_identical -> fold_constants
              -> partition_stages -> fuse_stages -> build_modules -> lower (plan file)
 
-``runtime_inputs`` runs before ``merge_identical`` so a node whose widget is a runtime input is
-never merged with a twin that only happens to hold the same value today.
+The order rules are data (``PASS_ORDER``, pairwise like torch.fx's ``this_before_that`` pass
+constraints), checked whenever a pass list runs: ``runtime_inputs`` runs before
+``merge_identical`` so a node whose widget is a runtime input is never merged with a twin that
+only happens to hold the same value today, and so on.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.passes import (build_modules, dead_nodes, fold_constants, fuse_stages, merge_identical,
                                   partition_stages, runtime_inputs)
 from kiln.compiler.stages import Compilation, CompileOptions
 from kiln.compiler.validate import validate as validate_graph
 from kiln.compiler.workflow import load_workflow, parse_workflow
+from kiln.kernels.errors import KilnError, Problem
+from kiln.kernels.settings import Settings
 from kiln.nodes.folders import ModelFolders
 
 Pass = Callable[[Compilation], Compilation]
+# progress(stage name, index, total), before each stage compiles; on_pass(pass name, seconds).
+Progress = Callable[[str, int, int], None]
 
 BACKENDS = ("aoti", "onnx")
 # The default per device type, by measurement (README, "Compiling plans"): on CPU onnxruntime
@@ -32,18 +36,44 @@ DEFAULT_BACKENDS = {"cpu": "onnx", "cuda": "aoti"}
 
 
 def validate(c: Compilation) -> Compilation:
-    """The workflow is well-formed: known node types, inputs present, converted and in range,
-    links typed, model and image files found (``kiln.compiler.validate``)."""
+    """The workflow is well-formed (``kiln.compiler.validate``), or every problem is raised at once.
+
+    Guarantees: every node's class_type is in the catalogue; every required input is present;
+    widget values are converted to their types and lie in range; every link points at an
+    existing node's output of the input's type; model and image files exist.
+    """
     return replace(c, graph=validate_graph(c.graph, c.options.models, c.options.input_dir))
 
 
 PASSES: list[Pass] = [validate, dead_nodes, runtime_inputs, merge_identical, fold_constants,
                       partition_stages, fuse_stages, build_modules]
 
+# (earlier, later, why): where both are in a pass list, ``earlier`` must come first.
+PASS_ORDER: list[tuple[Pass, Pass, str]] = [
+    (validate, dead_nodes, "the other passes read converted, checked values"),
+    (dead_nodes, runtime_inputs, "an --input on a node no output needs is refused, not compiled"),
+    (runtime_inputs, merge_identical, "a node with a runtime input must never merge with a twin"),
+    (merge_identical, fold_constants, "identical subgraphs fold (and load their models) once"),
+    (runtime_inputs, fold_constants, "folding must know which nodes run at run time"),
+    (fold_constants, partition_stages, "stages are made of the run-time nodes only"),
+    (partition_stages, fuse_stages, "fusion merges stages"),
+    (fuse_stages, build_modules, "a fused stage gets one module"),
+]
+
+
+def check_pass_order(passes: list[Pass]) -> None:
+    """Refuse a pass list that breaks a ``PASS_ORDER`` rule, naming the rule (a programming error)."""
+    position = {p: i for i, p in enumerate(passes)}
+    for earlier, later, why in PASS_ORDER:
+        if earlier in position and later in position and position[earlier] > position[later]:
+            raise ValueError(f"pass {later.__name__} runs before {earlier.__name__}, which must come first: {why}")
+
 
 def run_passes(c: Compilation, passes: Iterable[Pass] = PASSES,
                on_pass: Callable[[str, float], None] | None = None) -> Compilation:
     """Run ``passes`` in order; a failure names the pass and the passes that ran before it."""
+    passes = list(passes)
+    check_pass_order(passes)
     done: list[str] = []
     for compiler_pass in passes:
         start = time.perf_counter()
@@ -57,7 +87,9 @@ def run_passes(c: Compilation, passes: Iterable[Pass] = PASSES,
 def compile_workflow(workflow: str | Path | dict, *, models: str | Path | None = None,
                      extra_model_paths: str | Path | None = None, input_dir: str | Path | None = None,
                      inputs: Iterable[str] = (), device: str = "cpu", dtype: str = "fp32",
-                     backend: str | None = None, output: str | Path, progress: bool = False) -> Path:
+                     backend: str | None = None, output: str | Path, settings: Settings = Settings(),
+                     on_pass: Callable[[str, float], None] | None = None,
+                     progress: Progress | None = None) -> Path:
     """Compile an API-format workflow into a plan file at ``output`` (written atomically);
     ``backend`` "aoti" or "onnx", by default the one measured faster on the device."""
     backend = backend or default_backend(device)
@@ -65,52 +97,20 @@ def compile_workflow(workflow: str | Path | dict, *, models: str | Path | None =
     graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     options = CompileOptions(models=ModelFolders.from_models_dir(models, extra_model_paths),
                              input_dir=str(input_dir) if input_dir is not None else None,
-                             device=device, dtype=dtype, backend=backend, inputs=tuple(inputs))
-    report = _report_pass if progress else None
-    c = run_passes(Compilation(graph, options), on_pass=report)
-    if progress:
-        print(f"kiln compile: {len(c.stages)} stages: " + ", ".join(s.name for s in c.stages), file=sys.stderr)
-
-    bar = StageProgress(enabled=progress)
-    try:
-        return _attempt("lower", [p.__name__ for p in PASSES], lambda: _lower(c, Path(output), bar))
-    finally:
-        bar.close()
+                             device=device, dtype=dtype, backend=backend, inputs=tuple(inputs), settings=settings)
+    c = run_passes(Compilation(graph, options), on_pass=on_pass)
+    return _attempt("lower", [p.__name__ for p in PASSES], lambda: _lower(c, Path(output), settings, progress))
 
 
 def default_backend(device: str) -> str:
     return DEFAULT_BACKENDS["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def _lower(c: Compilation, output: Path, progress: "StageProgress") -> Path:
+def _lower(c: Compilation, output: Path, settings: Settings, progress: Progress | None) -> Path:
     """Export and compile every stage and write the plan file (``kiln.compiler.lower``)."""
     from kiln.compiler.lower.lower import lower
 
-    return lower(c.program(), output, progress)
-
-
-class StageProgress:
-    """Lowering progress, ``progress(stage_name, index, total)`` before each stage compiles."""
-
-    def __init__(self, enabled: bool = True):
-        self._enabled = enabled
-        self._bar = None
-
-    def __call__(self, stage_name: str, index: int, total: int) -> None:
-        if not self._enabled:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="stage", file=sys.stderr, dynamic_ncols=True)
-        self._bar.set_description(f"compiling {stage_name}")
-        self._bar.update(index - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.update(self._bar.total - self._bar.n)
-            self._bar.close()
-            self._bar = None
+    return lower(c.program(), output, settings.artifact_cache, progress)
 
 
 def _attempt(name: str, done: list[str], step: Callable):
@@ -122,10 +122,6 @@ def _attempt(name: str, done: list[str], step: Callable):
         raise KilnError([Problem("compile_failed", header), *error.problems]) from error
     except Exception as exc:   # a bug, not a user error: still named, --debug shows the traceback
         raise KilnError([Problem("compile_failed", f"{header}: {type(exc).__name__}: {exc}")]) from exc
-
-
-def _report_pass(name: str, seconds: float) -> None:
-    print(f"kiln compile: {name} {seconds:.2f}s", file=sys.stderr)
 
 
 def _check_target(device: str, dtype: str, backend: str) -> None:

@@ -1,9 +1,8 @@
 """The IR between the compiler passes and lowering (shapes pinned in docs/plans.md).
 
 ``Compilation`` is the value every pass maps to a new one; ``StagedProgram`` is what lowering
-turns into a plan file. Values at run time live in an environment of named tensors:
-``in.<node>.<input>`` (runtime inputs), ``const.<node>.<slot>.<field>`` (folded constants) and
-``<node>.<slot>.<field>`` (computed by a stage); ``flatten``/``unflatten`` define the fields.
+turns into a plan file. Values at run time live in an environment of named tensors
+(``kiln.runtime.env`` spells the names); ``flatten``/``unflatten`` define the fields.
 
 Module stages carry their chain of workflow nodes (``Stage.members``); ``chain_members`` resolves
 each member's inputs for ``build_chain``: a widget constant stays a Python value, a MODEL/CLIP/
@@ -18,30 +17,17 @@ from typing import Any
 import torch
 
 from kiln.compiler.graph import Graph, Link, Node
+from kiln.kernels.settings import Settings
 from kiln.nodes import registry
 from kiln.nodes.folders import ModelFolders
-from kiln.nodes.registry import SOCKET, NodeDef
+from kiln.nodes.image import IMAGE_TO_UINT8
+from kiln.nodes.registry import NodeDef
+from kiln.runtime.manifest import RuntimeInput
 
 # Socket types whose values are modules: evaluated at compile time, never plan constants.
 MODEL_TYPES = frozenset({"MODEL", "CLIP", "VAE", "UPSCALE_MODEL"})
-
-
-@dataclass
-class RuntimeInput:
-    """A widget value the plan takes at run time (manifest "inputs")."""
-
-    name: str                # "3.seed", "6.text", "5.width"
-    node_id: str
-    input_name: str
-    type: str                # INT | FLOAT | STRING | BOOLEAN | COMBO
-    default: Any
-    min: float | None = None
-    max: float | None = None
-    choices: list | None = None
-
-    @property
-    def env(self) -> str:
-        return f"in.{self.name}"
+# How a value's tensor is laid out, for the dims lowering keeps dynamic: (socket type, field) -> layout.
+LAYOUTS = {("LATENT", "samples"): "latent", ("IMAGE", "value"): "image", ("MASK", "value"): "image"}
 
 
 @dataclass
@@ -66,6 +52,7 @@ class StagedProgram:
     dropped_models: list[str]  # model parts used only by folded nodes: "file.safetensors (CLIP)"
     workflow: dict             # the source API workflow (for PNG "prompt" chunks)
     target: dict               # {"device": "cpu", "dtype": "fp32", "backend": "aoti"}
+    layouts: dict[str, str] = field(default_factory=dict)   # env name -> "latent" | "image" | "tokens"
 
 
 @dataclass(frozen=True)
@@ -94,6 +81,7 @@ class CompileOptions:
     dtype: str = "fp32"
     backend: str = "aoti"
     inputs: tuple[str, ...] = ()    # the --input declarations, "NODE.INPUT[=lo..hi]"
+    settings: Settings = Settings()
 
 
 @dataclass(frozen=True)
@@ -114,12 +102,15 @@ class Compilation:
     stages: tuple[Stage, ...] = ()
 
     def program(self) -> StagedProgram:
+        layouts = {name: LAYOUTS[(value.type, field)] for value in self.values.values()
+                   for field, name in value.fields.items() if (value.type, field) in LAYOUTS}
+        layouts.update({stage.outputs["tokens"]: "tokens" for stage in self.stages if stage.kind == "tokenize"})
         return StagedProgram(
             stages=list(self.stages), constants=dict(self.constants), inputs=list(self.inputs),
             folded=list(self.folded), dropped_models=list(self.dropped_models),
             workflow=self.graph.source or {},
             target={"device": self.options.device, "dtype": self.options.dtype,
-                    "backend": self.options.backend})
+                    "backend": self.options.backend}, layouts=layouts)
 
 
 def flatten(socket_type: str, value: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -158,19 +149,9 @@ def unflatten(socket_type: str, fields: dict[str, torch.Tensor], meta: Any = Non
     return fields["value"]
 
 
-def _to_uint8(images: torch.Tensor) -> tuple[torch.Tensor]:
-    """SaveImage's pixel conversion, ``np.clip(255. * i, 0, 255).astype(np.uint8)``: truncation."""
-    return ((images * 255.0).clamp(0, 255).to(torch.uint8),)
-
-
-# Not a ComfyUI node: the 8-bit conversion SaveImage does, as a chain member so it fuses into
-# the final decode (its node id is the SaveImage's).
-TO_UINT8 = NodeDef(class_type="kiln.ImageToUint8", inputs=(SOCKET("images", "IMAGE"),),
-                   outputs=("IMAGE_UINT8",), function=_to_uint8)
-
-
 def node_def(class_type: str) -> NodeDef | None:
-    return TO_UINT8 if class_type == TO_UINT8.class_type else registry.get(class_type)
+    """The catalogue's definition, or the plan-only 8-bit conversion's."""
+    return IMAGE_TO_UINT8 if class_type == IMAGE_TO_UINT8.class_type else registry.get(class_type)
 
 
 def chain_members(stage: Stage, handles: dict[str, tuple]) -> list[tuple[Node, NodeDef, dict[str, Any]]]:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import KilnError, Problem, did_you_mean, short_repr
+from kiln.kernels.errors import KilnError, Problem, did_you_mean, short_repr
 from kiln.compiler.graph import Graph, Link, Node
 from kiln.nodes import registry
 from kiln.nodes.folders import IMAGE_EXTENSIONS, ModelFolders, ModelNotFound, list_files

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import KilnError, Problem, short_repr
+from kiln.kernels.errors import KilnError, Problem, short_repr
 from kiln.compiler.graph import Graph, Link, Node
 
 UI_FORMAT_HINT = ("this is ComfyUI's UI (editor) format; kiln reads the API format: in ComfyUI "

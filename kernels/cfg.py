@@ -1,32 +1,70 @@
-"""Classifier-free guidance combine, in denoised (x0) space as ComfyUI's ``cfg_function``."""
+"""Classifier-free guidance: what a denoiser hands the samplers, and ComfyUI's combine.
+
+A denoiser's ``predict(x, sigma, **extra_args)`` returns a :class:`Prediction`: the positive and
+negative predictions for the step kernels to combine (``uncond + (cond - uncond) * scale``, as
+ComfyUI's ``cfg_function``), or, where the combine already happened (a compiled plan's
+denoiser; the inpainting blend of ``KSamplerX0Inpaint``), the combined prediction together with
+the negative one the CFG++ samplers step on.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 
-def skips_uncond(cond_scale: float, model_options: dict) -> bool:
-    """ComfyUI's cfg == 1 shortcut: the negative prompt is not evaluated at all."""
-    return math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+def skips_uncond(cond_scale: float, need_uncond: bool = False) -> bool:
+    """ComfyUI's cfg == 1 shortcut: the negative prompt is not evaluated at all, unless a sampler
+    needs its prediction (the CFG++ samplers' ``disable_cfg1_optimization``)."""
+    return math.isclose(cond_scale, 1.0) and not need_uncond
 
 
-def cfg_function(cond_pred: torch.Tensor, uncond_pred: torch.Tensor, cond_scale: float,
-                 x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> torch.Tensor:
-    """``uncond + (cond - uncond) * scale``, then every ``sampler_post_cfg_function`` hook in order.
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``uncond + (cond - uncond) * scale`` in fp32; ``cond`` itself when there is no uncond."""
+    cond = cond.float()
+    if uncond is None:
+        return cond
+    uncond = uncond.float()
+    return uncond + (cond - uncond) * scale
 
-    Hooks (added by the ``*_cfg_pp`` samplers) receive ComfyUI's argument names.
+
+@dataclass(frozen=True)
+class Prediction:
+    """One denoiser evaluation as the samplers see it.
+
+    ``combined`` False: ``cond`` and ``uncond`` are the raw predictions (``uncond`` None under the
+    cfg == 1 shortcut). ``combined`` True: ``cond`` is already the guided prediction and ``uncond``
+    (possibly None) is only there for the CFG++ samplers.
     """
-    fn = model_options.get("sampler_cfg_function")
-    if fn is not None:
-        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale,
-                "timestep": sigma, "input": x, "sigma": sigma,
-                "cond_denoised": cond_pred, "uncond_denoised": uncond_pred, "model_options": model_options}
-        cfg_result = x - fn(args)
-    else:
-        cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
-    for hook in model_options.get("sampler_post_cfg_function", []):
-        args = {"denoised": cfg_result, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
-                "sigma": sigma, "model_options": model_options, "input": x}
-        cfg_result = hook(args)
-    return cfg_result
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    scale: float
+    combined: bool = False
+
+    @property
+    def denoised(self) -> torch.Tensor:
+        """The guided prediction, computed as the step kernels compute it."""
+        if self.combined:
+            return self.cond.float()
+        return cfg_combine(self.cond, self.uncond, self.scale)
+
+
+class Denoiser:
+    """What every sampler drives: ``predict`` gives a :class:`Prediction`; calling the denoiser
+    gives the guided prediction (the k-diffusion ``model(x, sigma, **extra_args)`` shape the
+    samplers without step kernels use).
+
+    ``predict`` receives the samplers' ``extra_args`` (``seed``, ``denoise_mask``) and
+    ``need_uncond`` (a CFG++ sampler asks for the negative prediction even at cfg 1).
+    """
+
+    model_sampling = None
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, *, need_uncond: bool = False,
+                **extra_args) -> Prediction:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+        return self.predict(x, sigma, **extra_args).denoised

@@ -1,38 +1,99 @@
-"""ComfyUI's ``KSAMPLER.sample`` (comfy/samplers.py): start noise, inpaint blending, the sampler call.
+"""ComfyUI's KSampler below the node: schedule, noise, latent scaling, start noise, inpaint
+blending and the sampler call (``nodes.py: common_ksampler``, ``comfy/sample.py``,
+``comfy/samplers.py: CFGGuider.sample`` and ``KSAMPLER.sample``).
 
-Everything here works in sampler space: ``latent_image`` has already been through the
-model's ``process_latent_in`` (or is the all-zero empty latent, which ComfyUI leaves alone).
-``model`` is any denoiser ``model(x, sigma, **extra_args) -> denoised`` with ``.model_sampling``.
+One copy for the KSampler nodes (driving the interpreter's guider) and a plan's sample stage
+(driving the compiled denoiser), so plans cannot drift from the interpreter.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from kiln.kernels.batching import prepare_mask, repeat_to_batch_size
+from kiln.kernels.cfg import Denoiser, Prediction
+from kiln.kernels.fused.dispatch import DEFAULT_MODE
+from kiln.kernels.model_sampling import LatentFormat
+from kiln.kernels.noise import prepare_noise
 from kiln.kernels.samplers import get_sampler
+from kiln.kernels.samplers.stepper import STEP_MODE
+from kiln.kernels.schedules import advanced_sigmas, ksampler_sigmas
 
 # ComfyUI builds "ddim" as euler with inpaint_options={"random": True}: the noise that re-noises
 # the kept region of an inpainted latent is drawn from seed + 1 instead of reusing the start noise.
 RANDOM_INPAINT_NOISE_SAMPLERS = frozenset({"ddim"})
+# KSamplerAdvanced's switches, spelled as its widgets spell them.
+ENABLE, DISABLE = "enable", "disable"
 
 # callback(step, denoised, x, total_steps), called before step ``step`` updates x.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
+# prepare(noise, latent_image, denoise_mask): what the denoiser resolves once per run, in
+# sampler space (the guider's conditioning, an inpainting UNet's extra channels).
+Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+
+def ksampler_schedule(model_sampling, settings: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
+    """(sigmas, whether to add noise) for KSampler's settings (sampler_name, scheduler, steps,
+    denoise) or KSamplerAdvanced's (sampler_name, scheduler, steps, add_noise, start_at_step,
+    end_at_step, return_with_leftover_noise)."""
+    sampler_name, scheduler, steps = settings["sampler_name"], settings["scheduler"], int(settings["steps"])
+    if "start_at_step" not in settings:
+        return ksampler_sigmas(model_sampling, sampler_name, scheduler, steps, float(settings["denoise"])), True
+    sigmas = ksampler_sigmas(model_sampling, sampler_name, scheduler, steps, 1.0)
+    sigmas = advanced_sigmas(sigmas, int(settings["start_at_step"]), int(settings["end_at_step"]),
+                             settings["return_with_leftover_noise"] == ENABLE)
+    return sigmas, settings["add_noise"] == ENABLE
+
+
+def sample_latent(model: Denoiser, latent_format: LatentFormat, latent: torch.Tensor, *, sampler_name: str,
+                  sigmas: torch.Tensor, seed: int, device: torch.device | str, add_noise: bool = True,
+                  batch_index=None, noise_mask: torch.Tensor | None = None, prepare: Prepare | None = None,
+                  callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE) -> torch.Tensor:
+    """A raw LATENT's ``samples`` sampled over ``sigmas``: raw latent out, on ``device``.
+
+    One CPU noise draw for the batch (per-item draws with ``batch_index``), none without
+    ``add_noise``; an all-zero latent with another channel count is widened to the model's and
+    left unscaled; ``noise_mask`` becomes the denoise mask; ``prepare`` runs once on the
+    sampler-space latent before the first step.
+    """
+    channels = latent_format.channels
+    if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
+        latent = repeat_to_batch_size(latent, channels, dim=1)
+    if add_noise:
+        noise = prepare_noise(latent, seed, batch_index)
+    else:
+        noise = torch.zeros(latent.size(), dtype=latent.dtype, layout=latent.layout, device="cpu")
+    if sigmas.shape[-1] == 0:   # nothing to sample: the latent comes back unchanged
+        return latent
+    noise = noise.to(device=device, dtype=torch.float32)
+    x0 = latent.to(device=device, dtype=torch.float32)
+    sigmas = sigmas.to(device)
+    denoise_mask = None if noise_mask is None else prepare_mask(noise_mask, x0.shape).to(device)
+    if torch.count_nonzero(x0) > 0:   # ComfyUI: "Don't shift the empty latent image."
+        x0 = latent_format.process_in(x0)
+    if prepare is not None:
+        prepare(noise, x0, denoise_mask)
+    samples = ksampler_sample(model, sampler_name, sigmas, noise, x0, seed=seed, denoise_mask=denoise_mask,
+                              callback=callback, step_mode=step_mode)
+    return latent_format.process_out(samples.to(torch.float32))
 
 
 def start_latent(model_sampling, sigmas: torch.Tensor, noise: torch.Tensor,
                  latent_image: torch.Tensor) -> torch.Tensor:
-    """x at ``sigmas[0]``: ``noise*sqrt(1+s0^2)`` when the schedule starts at sigma_max, else ``noise*s0``; plus the latent."""
+    """x at ``sigmas[0]``: ``noise*sqrt(1+s0^2)`` when the schedule starts at sigma_max, else
+    ``noise*s0``; plus the latent."""
     return model_sampling.noise_scaling(sigmas[0], noise, latent_image, model_sampling.is_max_denoise(sigmas))
 
 
-class InpaintDenoiser:
+class InpaintDenoiser(Denoiser):
     """ComfyUI's ``KSamplerX0Inpaint``: with a denoise mask, the kept region (mask 0) is replaced by
     the original latent noised to the current sigma before the model call, and by the original
-    latent itself in the returned prediction, so only the masked region is generated."""
+    latent itself in the returned prediction, so only the masked region is generated. The blend
+    applies to the guided prediction, so the prediction comes back combined (the CFG++ samplers
+    still get the raw negative one, as ComfyUI's post-CFG hook sees it)."""
 
-    def __init__(self, model, latent_image: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, model: Denoiser, latent_image: torch.Tensor, noise: torch.Tensor):
         self.inner_model = model
         self.latent_image = latent_image
         self.noise = noise
@@ -41,21 +102,22 @@ class InpaintDenoiser:
     def model_sampling(self):
         return self.inner_model.model_sampling
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, denoise_mask: torch.Tensor | None = None,
-                 model_options: dict | None = None, seed: int | None = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, *, denoise_mask: torch.Tensor | None = None,
+                **extra_args) -> Prediction:
         if denoise_mask is None:
-            return self.inner_model(x, sigma, model_options=model_options, seed=seed)
+            return self.inner_model.predict(x, sigma, **extra_args)
         latent_mask = 1.0 - denoise_mask
         sigma_b = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1))
         kept = self.model_sampling.noise_scaling(sigma_b, self.noise, self.latent_image)
         x = x * denoise_mask + kept * latent_mask
-        out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
-        return out * denoise_mask + self.latent_image * latent_mask
+        inner = self.inner_model.predict(x, sigma, **extra_args)
+        denoised = inner.denoised * denoise_mask + self.latent_image * latent_mask
+        return Prediction(denoised, inner.uncond, inner.scale, combined=True)
 
 
-def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch.Tensor,
+def ksampler_sample(model: Denoiser, sampler_name: str, sigmas: torch.Tensor, noise: torch.Tensor,
                     latent_image: torch.Tensor, *, seed: int, denoise_mask: torch.Tensor | None = None,
-                    callback: StepCallback | None = None, model_options: dict | None = None) -> torch.Tensor:
+                    callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE) -> torch.Tensor:
     """Run ``sampler_name`` over ``sigmas`` from ``noise`` around ``latent_image`` (sampler space).
 
     ``denoise_mask`` must already have the latent's shape (see ``kiln.kernels.batching.prepare_mask``).
@@ -69,7 +131,7 @@ def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch
     denoiser = InpaintDenoiser(model, latent_image, inpaint_noise)
 
     x = start_latent(model.model_sampling, sigmas, noise, latent_image)
-    extra_args = {"model_options": dict(model_options or {}), "seed": seed, "denoise_mask": denoise_mask}
+    extra_args = {"seed": seed, "denoise_mask": denoise_mask, STEP_MODE: step_mode}
 
     k_callback = None
     if callback is not None:
@@ -78,35 +140,5 @@ def ksampler_sample(model, sampler_name: str, sigmas: torch.Tensor, noise: torch
         def k_callback(state: dict) -> None:
             callback(state["i"], state["denoised"], state["x"], total_steps)
 
-    fused = fused_loop(model, sampler_name, x, denoise_mask, extra_args["model_options"])
-    if fused is not None:
-        samples = fused(model, x, sigmas, extra_args, callback=k_callback)
-    else:
-        samples = get_sampler(sampler_name)(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
+    samples = get_sampler(sampler_name)(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback)
     return model.model_sampling.inverse_noise_scaling(sigmas[-1], samples)
-
-
-def fused_loop(model, sampler_name: str, x: torch.Tensor, denoise_mask: torch.Tensor | None,
-               model_options: dict) -> Callable | None:
-    """The fused sampler loop (kiln.kernels.fused) to run instead of the eager sampler, or None.
-
-    Only for a model offering ``predict`` (a compiled plan's denoiser), and only where a Triton
-    kernel would run: on CUDA, or where ``KILN_FUSED=triton`` asks for the kernels anyway (tests
-    run them interpreted on the CPU). Elsewhere the kernels' twins would compute exactly the eager
-    samplers' numbers, so Triton is not even imported. Never with an inpaint mask (the fused loops
-    call the model directly), CFG hooks, KILN_FUSED=off, or a cfg++ sampler for a model whose
-    prediction comes CFG-combined (``combined_prediction``: those loops need the uncond one).
-    """
-    if not hasattr(model, "predict") or denoise_mask is not None:
-        return None
-    if not x.is_cuda and os.environ.get("KILN_FUSED") != "triton":
-        return None
-    from kiln.kernels.fused.dispatch import backend
-    from kiln.kernels.fused.loop import fusable_options
-    from kiln.kernels.fused.samplers import get_fused_sampler
-
-    if backend(x) == "twin" or not fusable_options(model_options):
-        return None
-    if getattr(model, "combined_prediction", False) and "cfg_pp" in sampler_name:
-        return None
-    return get_fused_sampler(sampler_name)

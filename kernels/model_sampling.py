@@ -16,10 +16,17 @@ Prediction = Literal["eps", "v"]
 
 
 def _reshape_sigma(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """ComfyUI reshapes sigma to [B,1,1,...] unless it holds one element (then a scalar view)."""
-    if sigma.numel() == 1:
-        return sigma.reshape(())
+    """Sigma per batch item as [B,1,1,...] (ComfyUI makes a one-element sigma a scalar view: the
+    same numbers by broadcasting; deciding by rank keeps export free of a guard on the batch size)."""
+    if sigma.ndim == 0:
+        return sigma
     return sigma.reshape(sigma.shape[:1] + (1,) * (like.ndim - 1))
+
+
+def nearest_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """The discrete timestep whose log sigma is nearest (as the sigma's shape, int64)."""
+    dists = sigma.log().to(log_sigmas.device) - log_sigmas[:, None]
+    return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
 
 class ModelSamplingDiscrete:
@@ -47,10 +54,8 @@ class ModelSamplingDiscrete:
         return self.sigmas[-1]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Nearest discrete timestep (as the sigma's shape, integer-valued float)."""
-        log_sigma = sigma.log()
-        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+        """Nearest discrete timestep (as the sigma's shape, int64)."""
+        return nearest_timestep(sigma, self.log_sigmas)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=len(self.sigmas) - 1)

@@ -4,23 +4,27 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Graph
 from kiln.compiler.interpreter import RunResult, run_graph
 from kiln.compiler.validate import validate
 from kiln.compiler.workflow import load_workflow, parse_workflow
+from kiln.kernels.errors import KilnError, Problem
+from kiln.kernels.settings import Settings
 from kiln.nodes import registry
 from kiln.nodes.folders import ModelFolders
 from kiln.nodes.registry import RunContext
+
+# progress(node id, step, total): sampler steps and upscale tiles of the node running.
+NodeProgress = Callable[[str, int, int], None]
 
 
 def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = None,
                  extra_model_paths: str | Path | None = None, input_dir: str | Path | None = None,
                  output_dir: str | Path = "output", device: str = "cpu", dtype: str = "fp32",
                  seed: int | None = None, overrides: dict[tuple[str, str], Any] | None = None,
-                 progress: bool = False) -> RunResult:
+                 progress: NodeProgress | None = None, settings: Settings = Settings()) -> RunResult:
     """Validate then run an API-format workflow eagerly; SaveImage writes under ``output_dir``."""
     graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     graph = apply_overrides(graph, seed=seed, overrides=overrides or {})
@@ -28,16 +32,10 @@ def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = Non
     graph = validate(graph, folders, input_dir)
     _check_device(device, dtype)
     ctx = RunContext(models=folders, input_dir=str(input_dir) if input_dir else None,
-                     output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source)
-    if progress:
-        from kiln.progress import SamplerProgress
-
-        ctx.progress = bar = SamplerProgress(ctx)
-    try:
-        return run_graph(graph, ctx)
-    finally:
-        if progress:
-            bar.close()
+                     output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source, settings=settings)
+    if progress is not None:
+        ctx.progress = lambda step, total: progress(ctx.node_id, step, total)
+    return run_graph(graph, ctx)
 
 
 def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str, str], Any]) -> Graph:
@@ -57,10 +55,8 @@ def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str
     if seed is not None:
         for node in graph.nodes.values():
             node_def = registry.get(node.class_type)
-            if node_def is not None and node_def.seeded:
-                for spec in node_def.inputs:
-                    if spec.type == "INT" and "seed" in spec.name:
-                        updates[(node.id, spec.name)] = seed
+            if node_def is not None and node_def.seed is not None:
+                updates[(node.id, node_def.seed)] = seed
     if not updates:
         return graph
     nodes = {node_id: replace(node, inputs=dict(node.inputs)) for node_id, node in graph.nodes.items()}

@@ -2,7 +2,8 @@
 ``kiln demo``.
 
 Running or inspecting a plan imports only kiln.runtime (no kiln.compiler, kiln.nodes,
-diffusers or transformers), so everything else is imported lazily.
+diffusers or transformers), so everything else is imported lazily. The environment is read
+here and nowhere else (``KILN_FUSED``, ``KILN_CACHE_DIR``: ``kiln.kernels.settings``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
+from kiln.kernels.errors import KilnError, Problem
+from kiln.kernels.settings import Settings
 from kiln.runtime.errors import PlanError
 
 _CLI_IMPORTED = time.monotonic()
@@ -23,33 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        args.settings = Settings.from_environment()
         return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as error:
-        lines = _user_error_lines(error)
-        if lines is None:
-            raise
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
+    except KilnError as error:   # a user error (any layer): every problem named, exit 2
+        for problem in error.problems:
+            print(f"error: {problem.format()}", file=sys.stderr)
         if args.debug and error.__cause__ is not None:
             traceback.print_exception(error.__cause__)
         return 2
-
-
-def _user_error_lines(error: Exception) -> list[str] | None:
-    """The messages of a user error (PlanError, KilnError); None for anything else (a bug: it raises).
-
-    KilnError is looked up in sys.modules instead of imported: if kiln.compiler was never
-    imported, no KilnError can have been raised, and plan runs stay free of it.
-    """
-    if isinstance(error, PlanError):
-        return [error.format()]
-    compiler_errors = sys.modules.get("kiln.compiler.errors")
-    if compiler_errors is not None and isinstance(error, compiler_errors.KilnError):
-        return [problem.format() for problem in error.problems]
-    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,14 +102,14 @@ def _run(args: argparse.Namespace) -> int:
     if _is_plan(args.workflow):
         return _run_plan(args)
     from kiln.api import run_workflow
+    from kiln.progress import ProgressBars, timing_summary
 
-    result = run_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
-                          input_dir=args.input_dir, output_dir=args.output, device=args.device,
-                          dtype=args.dtype, seed=args.seed, overrides=_parse_sets(args.set),
-                          progress=not args.quiet)
+    with ProgressBars() as bars:
+        result = run_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
+                              input_dir=args.input_dir, output_dir=args.output, device=args.device,
+                              dtype=args.dtype, seed=args.seed, overrides=_parse_sets(args.set),
+                              progress=None if args.quiet else bars.node_step, settings=args.settings)
     if not args.quiet:
-        from kiln.progress import timing_summary
-
         print(timing_summary(result.timings), file=sys.stderr)
     for path in result.saved:
         print(path)
@@ -131,10 +118,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from kiln.compiler.pipeline import compile_workflow
+    from kiln.progress import ProgressBars
 
-    print(compile_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
-                           input_dir=args.input_dir, inputs=args.input, device=args.device, dtype=args.dtype,
-                           backend=args.backend, output=args.output, progress=not args.quiet))
+    def report_pass(name: str, seconds: float) -> None:
+        print(f"kiln compile: {name} {seconds:.2f}s", file=sys.stderr)
+
+    with ProgressBars(unit="stage") as bars:
+        path = compile_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
+                                input_dir=args.input_dir, inputs=args.input, device=args.device, dtype=args.dtype,
+                                backend=args.backend, output=args.output, settings=args.settings,
+                                on_pass=None if args.quiet else report_pass,
+                                progress=None if args.quiet else bars.stage_step)
+    print(path)
     return 0
 
 
@@ -153,7 +148,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from kiln.runtime.executor import run_plan, seed_values
     from kiln.runtime.plan import load_plan
 
-    plan = load_plan(args.workflow, provider=args.provider)
+    plan = load_plan(args.workflow, provider=args.provider, settings=args.settings)
     values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
     for item in args.set:
         parsed = _split_set(item)
@@ -165,12 +160,11 @@ def _run_plan(args: argparse.Namespace) -> int:
         if spec is not None and spec.type == "STRING" and not isinstance(value, str):
             value = item.partition("=")[2]   # a prompt that happens to parse as JSON (42, true) is text
         values[f"{node_id}.{input_name}"] = value
-    bars = None if args.quiet else _StepBars()
-    try:
-        result = run_plan(plan, values, output_dir=args.output, on_step=bars)
-    finally:
-        if bars is not None:
-            bars.close()
+    from kiln.progress import ProgressBars
+
+    with ProgressBars() as bars:
+        result = run_plan(plan, values, output_dir=args.output, on_step=None if args.quiet else bars,
+                          settings=args.settings)
     if args.timings:
         stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
         provider = f" ({plan.providers[0]})" if plan.providers else ""
@@ -180,30 +174,6 @@ def _run_plan(args: argparse.Namespace) -> int:
     for path in result.saved:
         print(path)
     return 0
-
-
-class _StepBars:
-    """``on_step(stage, step, total)`` for plan runs: one tqdm bar per sampler stage."""
-
-    def __init__(self):
-        self._bar = None
-        self._stage: str | None = None
-
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self._bar is None or self._stage != stage or step < self._bar.n:
-            self.close()
-            self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
-        self._bar.update(step - self._bar.n)
-        if step >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
 
 def _seconds_since_process_start() -> float:
@@ -233,8 +203,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _parse_sets(items: list[str]) -> dict[tuple[str, str], object]:
-    from kiln.compiler.errors import KilnError, Problem
-
     overrides: dict[tuple[str, str], object] = {}
     for item in items:
         parsed = _split_set(item)

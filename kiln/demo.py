@@ -32,14 +32,15 @@ def write_demo_models(models_dir: Path) -> None:
 
 def run_demo(directory: Path, progress: bool = True) -> list[str]:
     from kiln.api import run_workflow
+    from kiln.progress import ProgressBars, timing_summary
 
     models = directory / "models"
     write_demo_models(models)
     workflow = example_workflow()
     (directory / HIRES_FIX).write_text(json.dumps(workflow, indent=2))
-    result = run_workflow(workflow, models=models, output_dir=directory / "out", progress=progress)
+    with ProgressBars() as bars:
+        result = run_workflow(workflow, models=models, output_dir=directory / "out",
+                              progress=bars.node_step if progress else None)
     if progress:
-        from kiln.progress import timing_summary
-
         print(timing_summary(result.timings))
     return result.saved

@@ -1,4 +1,5 @@
-"""Terminal progress: one bar per sampler run, and the per-node time summary."""
+"""Terminal progress: one tqdm bar per key (a node, a sampler stage, the compile), and the
+per-node time summary. The one adapter every ``(key, step, total)`` progress callback uses."""
 from __future__ import annotations
 
 import sys
@@ -6,31 +7,44 @@ import sys
 from tqdm import tqdm
 
 
-class SamplerProgress:
-    """``(step, total)`` callback for RunContext.progress: one tqdm bar per node run."""
+class ProgressBars:
+    """``bars(key, step, total, label=None)``: a bar per key, restarted when the key changes or
+    its count goes back; closed when it reaches its total (or by ``close``)."""
 
-    def __init__(self, ctx, enabled: bool = True):
-        self._ctx = ctx
-        self._enabled = enabled
+    def __init__(self, unit: str = "step"):
+        self._unit = unit
         self._bar: tqdm | None = None
-        self._node: str | None = None
+        self._key: str | None = None
 
-    def __call__(self, step: int, total: int) -> None:
-        if not self._enabled:
-            return
-        if self._bar is None or self._node != self._ctx.node_id or step < self._bar.n:
+    def __call__(self, key: str, step: int, total: int, label: str | None = None) -> None:
+        if self._bar is None or self._key != key or step < self._bar.n:
             self.close()
-            self._node = self._ctx.node_id
-            self._bar = tqdm(total=total, desc=f"node {self._node}", unit="step", file=sys.stderr,
-                             leave=True, dynamic_ncols=True)
+            self._key = key
+            self._bar = tqdm(total=total, desc=key, unit=self._unit, file=sys.stderr, leave=True, dynamic_ncols=True)
+        if label is not None:
+            self._bar.set_description(label)
         self._bar.update(step - self._bar.n)
         if step >= total:
             self.close()
+
+    def node_step(self, node_id: str, step: int, total: int) -> None:
+        """The interpreter's ``progress(node id, step, total)``."""
+        self(f"node {node_id}", step, total)
+
+    def stage_step(self, stage: str, index: int, total: int) -> None:
+        """The compiler's ``progress(stage name, index, total)`` before each stage compiles."""
+        self("compiling", index, total, label=f"compiling {stage}")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def __enter__(self) -> "ProgressBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def timing_summary(timings) -> str:

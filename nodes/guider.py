@@ -5,8 +5,8 @@ masks, timestep ranges, per-cond model inputs: cross-attention context, SDXL ``y
 inpainting ``c_concat``; every positive area gets a negative twin with the same area).
 Each denoiser call then evaluates every cond on its (feathered) area, batches all entries
 whose shapes allow it into one ``apply_model`` call (ComfyUI's order: reversed, so
-[uncond, cond]), averages the predictions weighted by their masks and combines
-positive/negative with ``kiln.kernels.cfg.cfg_function``.
+[uncond, cond]) and averages the predictions weighted by their masks; both sides go to the
+samplers as a ``kiln.kernels.cfg.Prediction``, whose step kernels combine them.
 """
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.kernels.batching import prepare_mask, repeat_to_batch_size, resize_to_batch_size
-from kiln.kernels.cfg import cfg_function, skips_uncond
+from kiln.kernels.batching import repeat_to_batch_size, resize_to_batch_size
+from kiln.kernels.cfg import Denoiser, Prediction, skips_uncond
 from kiln.kernels.inpaint import concat_cond
-from kiln.kernels.ksampler import StepCallback, ksampler_sample
 from kiln.kernels.sdxl import size_options
 from kiln.nodes.resize import common_upscale
 
@@ -255,19 +254,17 @@ def calc_cond_batch(model, cond_lists: list[list[_Cond] | None], x: torch.Tensor
 
 
 # --- the guider ----------------------------------------------------------------------------
-class Guider:
-    """Classifier-free guidance around a MODEL handle: ``guider(x, sigma, **extra_args) -> denoised``.
+class Guider(Denoiser):
+    """Classifier-free guidance around a MODEL handle (ComfyUI's ``CFGGuider``):
+    ``prepare`` resolves the conditioning for one sampling run, ``predict`` evaluates every
+    entry (``calc_cond_batch``) and hands both sides to the samplers, whose step kernels combine
+    them as ``cfg_function`` does."""
 
-    ``sample`` runs a whole KSampler pass (``CFGGuider.sample``); ``prepare`` + ``__call__`` let
-    the guider be driven by ``kiln.kernels.ksampler.ksampler_sample`` directly.
-    """
-
-    def __init__(self, model, positive: list, negative: list, cfg: float, model_options: dict | None = None):
+    def __init__(self, model, positive: list, negative: list, cfg: float):
         self.model = model
         self.positive = positive
         self.negative = negative
         self.cfg = cfg
-        self.model_options = dict(model_options or {})
         self._conds: dict[str, list[_Cond]] | None = None
 
     @property
@@ -281,34 +278,9 @@ class Guider:
                                     noise, latent_image, denoise_mask)
         return self
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict | None = None,
-                 seed: int | None = None, **_: object) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, *, need_uncond: bool = False, **_) -> Prediction:
         if self._conds is None:
             raise RuntimeError("Guider.prepare() must run before the guider is called")
-        options = self.model_options if model_options is None else model_options
-        negative = None if skips_uncond(self.cfg, options) else self._conds["negative"]
+        negative = None if skips_uncond(self.cfg, need_uncond) else self._conds["negative"]
         cond_pred, uncond_pred = calc_cond_batch(self.model, [self._conds["positive"], negative], x, sigma)
-        return cfg_function(cond_pred, uncond_pred, self.cfg, x, sigma, options)
-
-    def sample(self, noise: torch.Tensor, latent_image: torch.Tensor, sampler_name: str, sigmas: torch.Tensor,
-               *, seed: int, noise_mask: torch.Tensor | None = None,
-               callback: StepCallback | None = None) -> torch.Tensor:
-        """Raw latent in, raw latent out (``process_latent_in``/``out`` happen inside)."""
-        if sigmas.shape[-1] == 0:
-            return latent_image
-        device = self.model.device
-        noise = noise.to(device=device, dtype=torch.float32)
-        latent = latent_image.to(device=device, dtype=torch.float32)
-        sigmas = sigmas.to(device)
-        denoise_mask = None if noise_mask is None else prepare_mask(noise_mask, latent.shape).to(device)
-        if torch.count_nonzero(latent) > 0:   # ComfyUI: "Don't shift the empty latent image."
-            latent = self.model.latent_format.process_in(latent)
-        self.prepare(noise, latent, denoise_mask)
-        try:
-            samples = ksampler_sample(self, sampler_name, sigmas, noise, latent, seed=seed,
-                                      denoise_mask=denoise_mask, callback=callback,
-                                      model_options=self.model_options)
-        finally:
-            self._conds = None
-        return self.model.latent_format.process_out(samples.to(torch.float32))
-
+        return Prediction(cond_pred, None if negative is None else uncond_pred, self.cfg)

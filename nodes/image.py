@@ -2,7 +2,8 @@
 
 Loading reproduces ``nodes.py`` pixel for pixel (8-bit values / 255); saving (ComfyUI's file
 naming, ``uint8(clip(255*x))`` truncation, atomic writes) lives in ``kiln.runtime.images``,
-shared with plan runs.
+shared with plan runs. The resizes' size rules are shared by the eager functions and the plan
+modules (``kiln.nodes.resize.ResizeModule``).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
 
+from kiln.kernels.images import to_uint8
 from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
-from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, RunContext, node
-from kiln.nodes.resize import common_upscale
+from kiln.nodes.plan import NodeModule, need_static
+from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, NodeDef, PlanSpec, RunContext, UiOutput, node
+from kiln.nodes.resize import ResizeModule, resize, scale_by_size
 from kiln.runtime.images import write_pngs, write_previews
 
 MAX_RESOLUTION = 16384
@@ -99,51 +102,67 @@ def load_image_mask(ctx: RunContext, image: str, channel: str):
 
 
 @node("SaveImage", [SOCKET("images", "IMAGE"), STRING("filename_prefix", "ComfyUI")], [],
-      category="image", output_node=True, foldable=False, needs_context=True)
-def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str = "ComfyUI"):
-    """Writes ``<prefix>_<counter:05>_.png`` per image; paths go to ``ctx.cache["saved_images"]``."""
+      category="image", output_node=True, foldable=False, needs_context=True, plan=PlanSpec("save_image"))
+def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str = "ComfyUI") -> UiOutput:
+    """Writes ``<prefix>_<counter:05>_.png`` per image."""
     if ctx.output_dir is None:
         raise ValueError("no output folder configured to save images to")
-    paths = write_pngs(images, filename_prefix, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo, compress_level=4)
-    ctx.cache.setdefault("saved_images", []).extend(paths)
-    return ()
+    return UiOutput(tuple(write_pngs(images, filename_prefix, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo,
+                                     compress_level=4)))
 
 
 @node("PreviewImage", [SOCKET("images", "IMAGE")], [], category="image", output_node=True,
-      foldable=False, needs_context=True)
-def preview_image(ctx: RunContext, images: torch.Tensor):
+      foldable=False, needs_context=True, plan=PlanSpec("save_image", params={"preview": True}))
+def preview_image(ctx: RunContext, images: torch.Tensor) -> UiOutput:
     """Like ComfyUI's temp previews (``ComfyUI_temp_<5 letters>_NNNNN_.png``, compress level 1),
-    written under ``<output_dir>/.preview/``; paths go to ``ctx.cache["preview_images"]``."""
+    written under ``<output_dir>/.preview/``."""
     if ctx.output_dir is None:
         raise ValueError("no output folder configured to write previews to")
-    paths = write_previews(images, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo)
-    ctx.cache.setdefault("preview_images", []).extend(paths)
-    return ()
+    return UiOutput(tuple(write_previews(images, ctx.output_dir, ctx.prompt, ctx.extra_pnginfo)))
+
+
+class ToUint8Module(NodeModule):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return to_uint8(images)
+
+
+# Not a ComfyUI node (never in the catalogue): the 8-bit conversion before a plan's save_image
+# stage, as a module member so it fuses into the final decode (its node id is the saver's).
+IMAGE_TO_UINT8 = NodeDef(class_type="kiln.ImageToUint8", inputs=(SOCKET("images", "IMAGE"),),
+                         outputs=("IMAGE_UINT8",), function=lambda images: (to_uint8(images),),
+                         plan=PlanSpec("module", computes=("value",), lower=lambda node, w: ToUint8Module(node)))
+
+
+def image_scale_size(node, width: int, height: int):
+    """ImageScale's rule: width x height; a 0 side follows the aspect ratio, both 0 is a no-op."""
+    def size(in_height, in_width):
+        if width == 0 and height == 0:
+            return None
+        if width == 0 or height == 0:
+            need_static(node, "keeping the aspect ratio (a size of 0) needs concrete sizes", in_height, in_width)
+        w = width or max(1, round(in_width * height / in_height))
+        h = height or max(1, round(in_height * w / in_width))
+        return w, h
+    return size
 
 
 @node("ImageScale",
       [SOCKET("image", "IMAGE"), COMBO("upscale_method", IMAGE_SCALE_METHODS, "nearest-exact"),
        INT("width", 512, min=0, max=MAX_RESOLUTION), INT("height", 512, min=0, max=MAX_RESOLUTION),
        COMBO("crop", ["disabled", "center"], "disabled")],
-      ["IMAGE"], category="image/upscaling")
+      ["IMAGE"], category="image/upscaling",
+      plan=PlanSpec("module", computes=("value",), lower=lambda node, w: ResizeModule(
+          node, w["upscale_method"], image_scale_size(node, w["width"], w["height"]), w["crop"], latent=False)))
 def image_scale(image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str):
     """Resize to width x height; a 0 side follows the aspect ratio, both 0 is a no-op."""
-    if width == 0 and height == 0:
-        return (image,)
-    samples = image.movedim(-1, 1)
-    if width == 0:
-        width = max(1, round(samples.shape[3] * height / samples.shape[2]))
-    elif height == 0:
-        height = max(1, round(samples.shape[2] * width / samples.shape[3]))
-    return (common_upscale(samples, width, height, upscale_method, crop).movedim(1, -1),)
+    return (resize(image, upscale_method, image_scale_size(None, width, height), crop, latent=False),)
 
 
 @node("ImageScaleBy",
       [SOCKET("image", "IMAGE"), COMBO("upscale_method", IMAGE_SCALE_METHODS, "nearest-exact"),
        FLOAT("scale_by", 1.0, min=0.01, max=8.0, step=0.01)],
-      ["IMAGE"], category="image/upscaling")
+      ["IMAGE"], category="image/upscaling",
+      plan=PlanSpec("module", computes=("value",), lower=lambda node, w: ResizeModule(
+          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=False)))
 def image_scale_by(image: torch.Tensor, upscale_method: str, scale_by: float):
-    samples = image.movedim(-1, 1)
-    width = round(samples.shape[3] * scale_by)
-    height = round(samples.shape[2] * scale_by)
-    return (common_upscale(samples, width, height, upscale_method, "disabled").movedim(1, -1),)
+    return (resize(image, upscale_method, scale_by_size(None, scale_by), "disabled", latent=False),)

@@ -9,54 +9,70 @@ import math
 
 import torch
 
-from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, node
-from kiln.nodes.resize import common_upscale
+from kiln.nodes.plan import need_static
+from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, PlanSpec, node
+from kiln.nodes.resize import ResizeModule, resize, scale_by_size
 
 MAX_RESOLUTION = 16384
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
+# EmptyLatentImage always makes 4 channels; the sampler widens an empty latent for other models.
+EMPTY_LATENT_CHANNELS = 4
 
 
 @node("EmptyLatentImage",
       [INT("width", 512, 16, MAX_RESOLUTION, 8), INT("height", 512, 16, MAX_RESOLUTION, 8),
        INT("batch_size", 1, 1, 4096)],
-      ["LATENT"], category="latent")
+      ["LATENT"], category="latent",
+      plan=PlanSpec("empty_latent", runtime_widgets={"width": "width", "height": "height", "batch_size": "batch_size"},
+                    params={"channels": EMPTY_LATENT_CHANNELS}))
 def empty_latent_image(*, width: int, height: int, batch_size: int) -> tuple:
     """Zeros at 1/8 of the pixel size (floored, as ComfyUI)."""
-    return ({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},)
+    return ({"samples": torch.zeros([batch_size, EMPTY_LATENT_CHANNELS, height // 8, width // 8])},)
+
+
+def latent_upscale_size(node, width: int, height: int):
+    """LatentUpscale's rule, in latent units: a pixel size with each side at least 64; a 0 side
+    follows the aspect ratio, both 0 is a no-op."""
+    def size(in_height, in_width):
+        w, h = width, height
+        if w == 0 and h == 0:
+            return None
+        if w == 0 or h == 0:
+            need_static(node, "keeping the aspect ratio (a size of 0) needs concrete sizes", in_height, in_width)
+        if w == 0:
+            h = max(64, h)
+            w = max(64, round(in_width * h / in_height))
+        elif h == 0:
+            w = max(64, w)
+            h = max(64, round(in_height * w / in_width))
+        else:
+            w, h = max(64, w), max(64, h)
+        return w // 8, h // 8
+    return size
 
 
 @node("LatentUpscale",
       [SOCKET("samples", "LATENT"), COMBO("upscale_method", UPSCALE_METHODS, UPSCALE_METHODS[0]),
        INT("width", 512, 0, MAX_RESOLUTION, 8), INT("height", 512, 0, MAX_RESOLUTION, 8),
        COMBO("crop", CROP_METHODS, CROP_METHODS[0])],
-      ["LATENT"], category="latent")
+      ["LATENT"], category="latent",
+      plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: ResizeModule(
+          node, w["upscale_method"], latent_upscale_size(node, w["width"], w["height"]), w["crop"], latent=True)))
 def latent_upscale(*, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple:
     """Resize to a pixel size (each side at least 64); a 0 side follows the aspect ratio."""
-    if width == 0 and height == 0:
-        return (samples,)
-    lat = samples["samples"]
-    if width == 0:
-        height = max(64, height)
-        width = max(64, round(lat.shape[-1] * height / lat.shape[-2]))
-    elif height == 0:
-        width = max(64, width)
-        height = max(64, round(lat.shape[-2] * width / lat.shape[-1]))
-    else:
-        width, height = max(64, width), max(64, height)
-    return ({**samples, "samples": common_upscale(lat, width // 8, height // 8, upscale_method, crop)},)
+    return (resize(samples, upscale_method, latent_upscale_size(None, width, height), crop, latent=True),)
 
 
 @node("LatentUpscaleBy",
       [SOCKET("samples", "LATENT"), COMBO("upscale_method", UPSCALE_METHODS, UPSCALE_METHODS[0]),
        FLOAT("scale_by", 1.5, 0.01, 8.0, 0.01)],
-      ["LATENT"], category="latent")
+      ["LATENT"], category="latent",
+      plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: ResizeModule(
+          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=True)))
 def latent_upscale_by(*, samples: dict, upscale_method: str, scale_by: float) -> tuple:
     """Resize by a factor; the latent size is rounded to nearest."""
-    lat = samples["samples"]
-    width = round(lat.shape[-1] * scale_by)
-    height = round(lat.shape[-2] * scale_by)
-    return ({**samples, "samples": common_upscale(lat, width, height, upscale_method, "disabled")},)
+    return (resize(samples, upscale_method, scale_by_size(None, scale_by), "disabled", latent=True),)
 
 
 @node("SetLatentNoiseMask", [SOCKET("samples", "LATENT"), SOCKET("mask", "MASK")], ["LATENT"],

@@ -2,12 +2,20 @@
 
 A definition carries what validation and the compiler need without running anything
 (ComfyUI's input names, types, defaults, ranges, choices and output slot order; whether the
-node is foldable or seeded) plus the eager function the interpreter calls.
+node is foldable, which widget is its seed), the eager function the interpreter calls and, for
+a node that runs inside compiled plans, its :class:`PlanSpec`. Every module of ``kiln.nodes``
+is imported when the catalogue is first read, so a node cannot be left out by forgetting an
+import; registering a class_type twice, or a plan spec that does not fit its node, fails at
+import.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from kiln.kernels.settings import Settings
 
 # ComfyUI's widget (primitive) types; everything else is a link-only socket type.
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -39,6 +47,38 @@ class InputSpec:
         return self.type in WIDGET_TYPES
 
 
+# What a plan stage of each kind is built from (kiln.runtime.kinds executes them).
+PLAN_KINDS = ("sample", "empty_latent", "save_image", "module")
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """How a node runs inside a compiled plan (docs/plans.md, "Node plan specs"). A node without
+    one runs in a plan only when it can be folded (evaluated at compile time).
+
+    ``kind``: the stage kind that executes it at run time. ``runtime_widgets``: the widgets a
+    plan may take as runtime inputs (``kiln compile --input NODE.WIDGET``), each with its
+    stage-local setting name. ``params``: fixed stage params this node adds. For ``module``
+    nodes, ``computes`` names the tensor fields of output 0 the module produces (a LATENT output
+    carries the other fields of its LATENT input over, as ComfyUI's dict copy does) and
+    ``lower(node, widgets)`` builds the export-safe ``nn.Module`` whose ``forward(**sockets)``
+    returns output 0, from the node (id, class_type, title: for error messages) and its constant
+    widget values and model handles.
+    """
+
+    kind: str
+    runtime_widgets: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    computes: tuple[str, ...] = ()
+    lower: Callable[[Any, dict], Any] | None = None
+
+    def __post_init__(self):
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"plan spec kind {self.kind!r}: expected one of {', '.join(PLAN_KINDS)}")
+        if (self.kind == "module") != (self.lower is not None and bool(self.computes)):
+            raise ValueError("a module plan spec needs lower and computes, other kinds neither")
+
+
 @dataclass(frozen=True)
 class NodeDef:
     class_type: str
@@ -48,19 +88,37 @@ class NodeDef:
     output_names: tuple[str, ...] = ()
     # Deterministic, cheap to keep: evaluated at compile time when all its inputs are constant.
     foldable: bool = True
-    # Draws random numbers from a seed input: never merged with a twin, seed is a runtime input.
-    seeded: bool = False
+    # The INT widget it draws random numbers from: never merged with a twin, a runtime input of
+    # plans, what --seed sets.
+    seed: str | None = None
     # Writes files or shows results (SaveImage, PreviewImage): the graph's roots.
     output_node: bool = False
     category: str = ""
     # Nodes whose function needs the run context (folders, device, progress, prompt JSON).
     needs_context: bool = False
+    plan: PlanSpec | None = None
+
+    def __post_init__(self):
+        widgets = {spec.name for spec in self.inputs if spec.is_widget}
+        if self.seed is not None and self.input(self.seed) is None:
+            raise ValueError(f"node {self.class_type!r}: seed widget {self.seed!r} is not one of its inputs")
+        if self.plan is not None and not set(self.plan.runtime_widgets) <= widgets:
+            raise ValueError(f"node {self.class_type!r}: runtime widgets "
+                             f"{sorted(set(self.plan.runtime_widgets) - widgets)} are not widgets of the node")
 
     def input(self, name: str) -> InputSpec | None:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
         return None
+
+
+@dataclass(frozen=True)
+class UiOutput:
+    """What an output node shows (ComfyUI's ``{"ui": {...}}`` return): the images it wrote, each
+    a ``kiln.runtime.images.SavedImage``."""
+
+    images: tuple = ()
 
 
 _REGISTRY: dict[str, NodeDef] = {}
@@ -95,9 +153,19 @@ def all_nodes() -> dict[str, NodeDef]:
     return dict(_REGISTRY)
 
 
+_loaded = False
+
+
 def _load_all() -> None:
-    """Import every node family module once (each registers its nodes on import)."""
-    from kiln.nodes import families  # noqa: F401  (import side effect registers nodes)
+    """Import every module of ``kiln.nodes`` once (each registers its nodes on import)."""
+    global _loaded
+    if _loaded:
+        return
+    import kiln.nodes as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    _loaded = True
 
 
 # Shorthand constructors used by the node family modules.
@@ -142,6 +210,7 @@ class RunContext:
     node_id: str = ""
     progress: Callable[[int, int], None] | None = None
     cache: dict = field(default_factory=dict)   # loaded models, keyed by path and options
+    settings: Settings = field(default_factory=Settings)
 
     @property
     def torch_dtype(self):

@@ -8,10 +8,24 @@ through 8-bit PIL images (lossy by design, also for latents), everything else is
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from kiln.kernels.errors import KilnError
+from kiln.kernels.images import to_uint8
+from kiln.kernels.lanczos import coefficients, pil_lanczos
+from kiln.nodes.plan import NeedsStaticShapes, NodeModule, is_static, plan_problem, scaled_size
+
+# Resize methods that are one F.interpolate call; those needing concrete sizes in a plan: bislerp
+# (gathers by computed indices, exported as is) and lanczos (PIL's 8-bit filter, reproduced in
+# kiln.kernels.lanczos, for images only).
+INTERPOLATE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+STATIC_METHODS = ("bislerp", "lanczos")
 
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str,
@@ -49,7 +63,7 @@ def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     hwc = samples.squeeze(1) if samples.shape[1] == 1 else samples.movedim(1, -1)
     out = []
     for image in hwc:
-        pixels = np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
+        pixels = to_uint8(image.cpu()).numpy()
         resized = np.array(Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.LANCZOS))
         resized = torch.from_numpy(resized.astype(np.float32) / 255.0)
         out.append(resized.movedim(-1, 0) if resized.ndim == 3 else resized[None])
@@ -122,3 +136,69 @@ def _slerp(b1: torch.Tensor, b2: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     opposite = dot < 1e-5 - 1
     res[opposite] = (b1 * (1.0 - r) + b2 * r)[opposite]
     return res
+
+
+# (height, width) of the input -> (width, height) of the output, or None for "unchanged".
+SizeRule = Callable[[Any, Any], tuple | None]
+
+
+def scale_by_size(node, scale_by: float) -> SizeRule:
+    """ImageScaleBy's and LatentUpscaleBy's rule: each side times ``scale_by``, rounded."""
+    def size(in_height, in_width):
+        return scaled_size(in_width, scale_by, node, "width"), scaled_size(in_height, scale_by, node, "height")
+    return size
+
+
+def resize(value, method: str, size: SizeRule, crop: str, latent: bool, upscale=None):
+    """An IMAGE (NHWC) or LATENT value resized to what ``size`` says, with ``upscale``
+    (``common_upscale``'s signature; by default ``common_upscale`` itself)."""
+    samples = value["samples"] if latent else value.movedim(-1, 1)
+    target = size(samples.shape[-2], samples.shape[-1])
+    if target is None:
+        return value
+    out = (upscale or common_upscale)(samples, target[0], target[1], method, crop)
+    return {**value, "samples": out} if latent else out.movedim(1, -1)
+
+
+class ResizeModule(NodeModule):
+    """ImageScale(By) / LatentUpscale(By) in a plan: ``resize`` with the node's size rule (shared
+    with its eager function); lanczos is the exportable ``kiln.kernels.lanczos`` filter whose
+    weight matrices become stage buffers."""
+
+    def __init__(self, node, method: str, size: SizeRule, crop: str, latent: bool):
+        super().__init__(node)
+        allowed = (*INTERPOLATE_METHODS, *STATIC_METHODS)
+        if method not in allowed:
+            raise KilnError([plan_problem(node, f"the {method!r} method cannot be compiled",
+                                          input_name="upscale_method", expected="one of " + ", ".join(allowed),
+                                          found=repr(method))])
+        self.method, self.size, self.crop, self.latent = method, size, crop, latent
+
+    def forward(self, **inputs) -> Any:
+        return resize(inputs["samples" if self.latent else "image"], self.method, self.size, self.crop, self.latent,
+                      self._upscale)
+
+    def _upscale(self, samples: torch.Tensor, width, height, method: str, crop: str) -> torch.Tensor:
+        if crop == "center" and not is_static(*samples.shape[-2:]):
+            raise NeedsStaticShapes(plan_problem(self.node, "a centre crop needs concrete sizes", input_name="crop"))
+        if method in STATIC_METHODS and not is_static(*samples.shape[-2:], width, height):
+            raise NeedsStaticShapes(plan_problem(self.node, f"the {method} filter's weights depend on the "
+                                                 "sizes, which must be concrete", input_name="upscale_method"))
+        if method != "lanczos":
+            return common_upscale(samples, width, height, method, crop)
+        if samples.shape[1] not in (1, 3):
+            raise KilnError([plan_problem(self.node, "lanczos is compiled for RGB and one-channel images only",
+                                          input_name="image", expected="1 or 3 channels",
+                                          found=f"{samples.shape[1]} channels")])
+        if crop == "center":
+            samples = center_crop_to_aspect(samples, width, height)
+        return pil_lanczos(samples, width, height, self._lanczos_weights)
+
+    def _lanczos_weights(self, in_size: int, out_size: int) -> torch.Tensor:
+        """The coefficient matrix as a buffer (a stage weight, stored in the plan), made when
+        lowering's shape walk first runs the op at these sizes, outside any fake-tensor mode."""
+        name = f"lanczos_{in_size}_{out_size}"
+        if name not in self._buffers:
+            with unset_fake_temporarily():
+                self.register_buffer(name, coefficients(in_size, out_size))
+        return self._buffers[name]

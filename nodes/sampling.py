@@ -1,19 +1,16 @@
 """KSampler and KSamplerAdvanced (nodes.py: ``common_ksampler``).
 
-Noise, schedule and guidance follow ComfyUI: one CPU noise draw for the batch (per-item
-draws when the latent carries ``batch_index``), the KSampler's sigma schedule, CFG through
-:class:`kiln.nodes.guider.Guider`. The returned LATENT is the input dict with new samples.
+The schedule, noise, latent scaling and sampler call are ``kiln.kernels.ksampler``'s (shared
+with plans); guidance is :class:`kiln.nodes.guider.Guider`. The returned LATENT is the input
+dict with new samples.
 """
 from __future__ import annotations
 
-import torch
-
-from kiln.kernels.noise import prepare_noise
+from kiln.kernels.ksampler import DISABLE, ENABLE, ksampler_schedule, sample_latent
 from kiln.kernels.samplers import SAMPLER_NAMES
-from kiln.kernels.schedules import SCHEDULER_NAMES, advanced_sigmas, ksampler_sigmas
-from kiln.kernels.batching import repeat_to_batch_size
+from kiln.kernels.schedules import SCHEDULER_NAMES
 from kiln.nodes.guider import Guider
-from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, RunContext, node
+from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, PlanSpec, RunContext, node
 
 _STEPS_CFG_SAMPLER = (
     INT("steps", 20, 1, 10000),
@@ -27,54 +24,47 @@ _STEPS_CFG_SAMPLER = (
 _SEED_MAX = 0xffffffffffffffff
 
 
-def _fix_empty_latent_channels(model, latent: torch.Tensor) -> torch.Tensor:
-    """An all-zero latent with the wrong channel count is widened to the model's latent channels."""
-    channels = model.latent_format.channels
-    if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
-        latent = repeat_to_batch_size(latent, channels, dim=1)
-    return latent
-
-
-def common_ksampler(ctx: RunContext, model, seed: int, cfg: float, sampler_name: str, sigmas: torch.Tensor,
-                    positive: list, negative: list, latent: dict, disable_noise: bool = False) -> tuple:
-    """Sample ``latent`` over ``sigmas``; progress goes to ``ctx.progress(step, total)``."""
-    latent_image = _fix_empty_latent_channels(model, latent["samples"])
-    if disable_noise:
-        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
-    else:
-        noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
-
+def common_ksampler(ctx: RunContext, model, seed: int, cfg: float, settings: dict, positive: list,
+                    negative: list, latent: dict) -> tuple:
+    """Sample ``latent`` with the schedule ``settings`` describe; progress goes to ``ctx.progress(step, total)``."""
+    sigmas, add_noise = ksampler_schedule(model.model_sampling, settings)
     callback = None
     if ctx.progress is not None:
-        def callback(step: int, denoised: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        def callback(step, denoised, x, total_steps) -> None:
             ctx.progress(step + 1, total_steps)
 
     guider = Guider(model, positive, negative, cfg)
-    samples = guider.sample(noise, latent_image, sampler_name, sigmas, seed=seed,
-                            noise_mask=latent.get("noise_mask"), callback=callback)
+    samples = sample_latent(guider, model.latent_format, latent["samples"], sampler_name=settings["sampler_name"],
+                            sigmas=sigmas, seed=seed, device=model.device, add_noise=add_noise,
+                            batch_index=latent.get("batch_index"), noise_mask=latent.get("noise_mask"),
+                            prepare=guider.prepare, callback=callback,
+                            step_mode=ctx.settings.step_mode(reference=True))
     return ({**latent, "samples": samples.cpu()},)
 
 
 @node("KSampler",
       [SOCKET("model", "MODEL"), INT("seed", 0, 0, _SEED_MAX), *_STEPS_CFG_SAMPLER, FLOAT("denoise", 1.0, 0.0, 1.0, 0.01)],
-      ["LATENT"], category="sampling", seeded=True, foldable=False, needs_context=True)
+      ["LATENT"], category="sampling", seed="seed", foldable=False, needs_context=True,
+      plan=PlanSpec("sample", runtime_widgets={"seed": "seed", "steps": "steps", "cfg": "cfg", "denoise": "denoise"}))
 def ksampler(ctx: RunContext, *, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
              positive: list, negative: list, latent_image: dict, denoise: float) -> tuple:
     """Denoise ``latent_image`` from noise level ``denoise`` (1.0 = from pure noise) in ``steps`` steps."""
-    sigmas = ksampler_sigmas(model.model_sampling, sampler_name, scheduler, steps, denoise)
-    return common_ksampler(ctx, model, seed, cfg, sampler_name, sigmas, positive, negative, latent_image)
+    settings = {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "denoise": denoise}
+    return common_ksampler(ctx, model, seed, cfg, settings, positive, negative, latent_image)
 
 
 @node("KSamplerAdvanced",
-      [SOCKET("model", "MODEL"), COMBO("add_noise", ("enable", "disable"), "enable"), INT("noise_seed", 0, 0, _SEED_MAX),
+      [SOCKET("model", "MODEL"), COMBO("add_noise", (ENABLE, DISABLE), ENABLE), INT("noise_seed", 0, 0, _SEED_MAX),
        *_STEPS_CFG_SAMPLER, INT("start_at_step", 0, 0, 10000), INT("end_at_step", 10000, 0, 10000),
-       COMBO("return_with_leftover_noise", ("disable", "enable"), "disable")],
-      ["LATENT"], category="sampling", seeded=True, foldable=False, needs_context=True)
+       COMBO("return_with_leftover_noise", (DISABLE, ENABLE), DISABLE)],
+      ["LATENT"], category="sampling", seed="noise_seed", foldable=False, needs_context=True,
+      plan=PlanSpec("sample", runtime_widgets={"noise_seed": "seed", "steps": "steps", "cfg": "cfg",
+                                               "start_at_step": "start_at_step", "end_at_step": "end_at_step"}))
 def ksampler_advanced(ctx: RunContext, *, model, add_noise: str, noise_seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,
                       start_at_step: int, end_at_step: int, return_with_leftover_noise: str) -> tuple:
     """Run only steps ``start_at_step .. end_at_step`` of a ``steps``-step schedule (chained samplers)."""
-    sigmas = ksampler_sigmas(model.model_sampling, sampler_name, scheduler, steps, 1.0)
-    sigmas = advanced_sigmas(sigmas, start_at_step, end_at_step, return_with_leftover_noise == "enable")
-    return common_ksampler(ctx, model, noise_seed, cfg, sampler_name, sigmas, positive, negative, latent_image,
-                           disable_noise=add_noise == "disable")
+    settings = {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "add_noise": add_noise,
+                "start_at_step": start_at_step, "end_at_step": end_at_step,
+                "return_with_leftover_noise": return_with_leftover_noise}
+    return common_ksampler(ctx, model, noise_seed, cfg, settings, positive, negative, latent_image)

@@ -58,7 +58,7 @@ class VaeHandle(Protocol):
     latent_channels: int
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """NHWC [0,1] (already cropped to a multiple of 8) -> raw latent (posterior mean)."""
+        """NHWC [0,1] (already cropped to a multiple of 8) -> raw latent (posterior mean), on the VAE's device."""
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Raw latent -> NHWC image clamped to [0,1]."""
+        """Raw latent -> NHWC image clamped to [0,1], on the VAE's device."""

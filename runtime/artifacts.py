@@ -9,7 +9,6 @@ to unflatten a call spec that for kiln's stages is always "tensors in, tensors o
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Mapping
 
@@ -21,21 +20,13 @@ from kiln.runtime.files import atomic_file
 _MODEL_NAME = "model"   # the name aoti_compile_and_package gives a single-model package
 
 
-def cache_dir() -> Path:
-    """``$KILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiln``, else ``~/.cache/kiln``."""
-    if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kiln"
-
-
 def sha256_of(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def cached_artifact(data, sha256: str) -> Path:
-    """A file holding ``data`` (bytes-like whose hash is ``sha256``), written atomically if needed."""
-    path = cache_dir() / "aoti" / f"{sha256}.pt2"
+def cached_artifact(data, sha256: str, cache: Path) -> Path:
+    """A file under ``cache`` holding ``data`` (bytes-like whose hash is ``sha256``), written atomically if needed."""
+    path = cache / "aoti" / f"{sha256}.pt2"
     if path.is_file() and path.stat().st_size == len(data) and sha256_of(path.read_bytes()) == sha256:
         return path
     write_atomically(path, data)

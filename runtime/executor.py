@@ -14,10 +14,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from kiln.kernels.settings import Settings
 from kiln.runtime.errors import PlanError
-from kiln.runtime.manifest import InputSpec, Manifest, input_env_name
+from kiln.runtime.images import WrittenImages
+from kiln.runtime.kinds import StageContext, kind_of
+from kiln.runtime.manifest import Manifest, RuntimeInput
 from kiln.runtime.plan import LoadedPlan
-from kiln.runtime.stages import StageContext, run_stage
 
 
 @dataclass
@@ -29,35 +31,35 @@ class StageTiming:
 
 
 @dataclass
-class PlanRun:
-    saved: list[str] = field(default_factory=list)          # PNGs written, in order
-    previews: list[str] = field(default_factory=list)       # PreviewImage's, under .preview/
+class PlanRun(WrittenImages):
     timings: list[StageTiming] = field(default_factory=list)
 
 
 def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, output_dir: str | Path = "output",
-             on_step: Callable[[str, int, int], None] | None = None) -> PlanRun:
+             on_step: Callable[[str, int, int], None] | None = None, settings: Settings = Settings()) -> PlanRun:
     """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
 
     ``on_step(stage_name, step, total)`` reports sampler progress.
     """
     manifest = plan.manifest
     bound = bind_inputs(manifest, values or {})
-    env: dict[str, Any] = {**plan.constants, **{input_env_name(name): v for name, v in bound.items()}}
+    declared = {spec.name: spec for spec in manifest.inputs}
+    env: dict[str, Any] = {**plan.constants, **{declared[name].env: v for name, v in bound.items()}}
     kept = set(env)   # constants and inputs are cheap to keep; stage outputs are freed
     last_use = {}
     for index, stage in enumerate(manifest.stages):
         for name in (*stage.outputs.values(), *stage.inputs.values()):
             last_use[name] = index
     ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
-                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step, tokenizers=plan.tokenizers)
-    run = PlanRun()
+                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step, tokenizers=plan.tokenizers,
+                       settings=settings)
+    run = PlanRun(images=ctx.images)
     with torch.inference_mode():
         for index, stage in enumerate(manifest.stages):
             args = {local: env[name] for local, name in stage.inputs.items()}
             start = time.perf_counter()
             try:
-                out = run_stage(stage, args, ctx)
+                out = kind_of(stage).run(stage, args, ctx)
             except PlanError:
                 raise
             except Exception as exc:  # named with its stage and nodes; the CLI's --debug shows the traceback
@@ -68,7 +70,6 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
             for name in (*stage.inputs.values(), *stage.outputs.values()):
                 if last_use[name] == index and name not in kept:
                     env.pop(name, None)
-    run.saved, run.previews = list(ctx.saved), list(ctx.previews)
     return run
 
 
@@ -83,7 +84,7 @@ def bind_inputs(manifest: Manifest, values: Mapping[str, Any]) -> dict[str, Any]
     return {name: check_input(spec, values.get(name, spec.default)) for name, spec in declared.items()}
 
 
-def check_input(spec: InputSpec, value: Any) -> Any:
+def check_input(spec: RuntimeInput, value: Any) -> Any:
     """The value as the input's type (ints accepted for FLOAT), or PlanError naming what was expected."""
     kind = spec.type
     if kind == "INT" and isinstance(value, float) and value.is_integer():
@@ -111,8 +112,8 @@ def check_input(spec: InputSpec, value: Any) -> Any:
 
 
 def seed_values(manifest: Manifest, seed: int) -> dict[str, int]:
-    """``--seed``: the value for every seed input (``seed``, ``noise_seed``), as the interpreter sets it."""
-    names = [spec.name for spec in manifest.inputs if spec.type == "INT" and "seed" in spec.input_name]
+    """``--seed``: the value for every sampler's seed input, as the interpreter sets it."""
+    names = [spec.name for spec in manifest.inputs if spec.seed]
     if not names:
         raise PlanError("invalid_input", "--seed was given but the plan has no seed input", input_name="seed",
                         expected="a plan with a sampler seed input",

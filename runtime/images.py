@@ -11,53 +11,82 @@ import json
 import os
 import random
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 
-import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from kiln.kernels.images import to_uint8
 from kiln.runtime.files import atomic_file
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """One HWC image as 8-bit pixels: float [0,1] as ComfyUI converts it, uint8 as is."""
-    if image.dtype == torch.uint8:
-        return image.cpu().numpy()
-    return np.clip(255. * image.cpu().numpy(), 0, 255).astype(np.uint8)
-
 
 PREVIEW_FOLDER = ".preview"   # under the output dir: kiln's stand-in for ComfyUI's temp/ folder
 
 
-def write_previews(images: torch.Tensor, output_dir: str, prompt: dict | None, extra_pnginfo: dict | None) -> list[str]:
+@dataclass(frozen=True)
+class SavedImage:
+    """One PNG an output node wrote: its path, and the ``filename``/``subfolder``/``type`` ComfyUI's
+    ``executed`` message and ``/view`` use (type ``output`` for SaveImage, ``temp`` for previews)."""
+
+    path: str
+    filename: str
+    subfolder: str
+    type: str
+
+    def ui(self) -> dict:
+        return {"filename": self.filename, "subfolder": self.subfolder, "type": self.type}
+
+
+@dataclass
+class WrittenImages:
+    """What a run's output nodes wrote, by node id (the interpreter's and a plan's results)."""
+
+    images: dict[str, list[SavedImage]] = field(default_factory=dict)
+
+    @property
+    def saved(self) -> list[str]:
+        """SaveImage's PNGs, in order."""
+        return [image.path for images in self.images.values() for image in images if image.type == "output"]
+
+    @property
+    def previews(self) -> list[str]:
+        """PreviewImage's, under ``.preview/``."""
+        return [image.path for images in self.images.values() for image in images if image.type == "temp"]
+
+
+def write_previews(images: torch.Tensor, output_dir: str, prompt: dict | None,
+                   extra_pnginfo: dict | None) -> list[SavedImage]:
     """PreviewImage: ComfyUI's temp previews (``ComfyUI_temp_<5 letters>_NNNNN_.png``, compress
     level 1), written under ``<output_dir>/.preview/``."""
     prefix = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
     return write_pngs(images, prefix, os.path.join(output_dir, PREVIEW_FOLDER), prompt, extra_pnginfo,
-                      compress_level=1)
+                      compress_level=1, kind="temp")
 
 
 def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prompt: dict | None,
-               extra_pnginfo: dict | None, *, compress_level: int) -> list[str]:
+               extra_pnginfo: dict | None, *, compress_level: int, kind: str = "output") -> list[SavedImage]:
     """ComfyUI's SaveImage body: one PNG per batch entry of NHWC ``images`` (float [0,1] or uint8)
     with tEXt chunks ``prompt`` and each ``extra_pnginfo`` key (JSON)."""
     folder, filename, counter = save_image_path(filename_prefix, output_dir,
                                                 images[0].shape[1], images[0].shape[0])
+    subfolder = os.path.relpath(folder, os.path.abspath(output_dir))
+    subfolder = "" if subfolder == "." else subfolder
     metadata = PngInfo()
     if prompt is not None:
         metadata.add_text("prompt", json.dumps(prompt))
     for key, value in (extra_pnginfo or {}).items():
         metadata.add_text(key, json.dumps(value))
-    paths = []
+    saved = []
     for batch_number, image in enumerate(images):
-        path = os.path.join(folder, f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png")
+        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        path = os.path.join(folder, name)
         with atomic_file(path) as f:
-            Image.fromarray(to_uint8(image)).save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
-        paths.append(path)
+            Image.fromarray(to_uint8(image.cpu()).numpy()).save(f, format="PNG", pnginfo=metadata,
+                                                               compress_level=compress_level)
+        saved.append(SavedImage(path, name, subfolder, kind))
         counter += 1
-    return paths
+    return saved
 
 
 def save_image_path(filename_prefix: str, output_dir: str, image_width: int = 0,

@@ -12,37 +12,31 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kiln.runtime import env
 from kiln.runtime.errors import PlanError
 
 FORMAT = "kiln-plan"
-FORMAT_VERSION = 1
+# 2: sample stages carry latent_channels and no "advanced" flag; inputs mark the seeds.
+FORMAT_VERSION = 2
 
 MANIFEST_MEMBER = "manifest.json"
 WEIGHTS_MEMBER = "weights.safetensors"
 CONSTANTS_MEMBER = "constants.safetensors"
 
-STAGE_KINDS = ("tokenize", "sample", "module", "save_image", "empty_latent")
-COMPILED_KINDS = ("sample", "module")   # stages that carry an artifact
 ARTIFACT_SUFFIXES = {"aoti": ".pt2", "onnx": ".onnx"}   # target backend -> artifact member suffix
 INPUT_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-RUNTIME_INPUT_PREFIX = "in."
-CONSTANT_PREFIX = "const."
 
 
 def artifact_member(stage_name: str, backend: str = "aoti") -> str:
     return f"stages/{stage_name}{ARTIFACT_SUFFIXES[backend]}"
 
 
-def input_env_name(input_name: str) -> str:
-    """Environment name of the runtime input ``"3.seed"``: ``"in.3.seed"``."""
-    return RUNTIME_INPUT_PREFIX + input_name
-
-
 @dataclass(frozen=True)
-class InputSpec:
-    """A declared runtime input (compiler's RuntimeInput): a widget value settable at run time."""
+class RuntimeInput:
+    """A widget value the plan takes at run time (manifest "inputs"), written by the compiler's
+    runtime_inputs pass and read by the runtime."""
 
-    name: str                  # "3.seed"
+    name: str                  # "3.seed", "6.text", "5.width"
     node_id: str
     input_name: str
     type: str                  # INPUT_TYPES
@@ -50,12 +44,17 @@ class InputSpec:
     min: float | None = None
     max: float | None = None
     choices: list | None = None
+    seed: bool = False         # the node's seed widget (what ``kiln run --seed`` sets)
+
+    @property
+    def env(self) -> str:
+        return env.input_env(self.name)
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    kind: str                               # STAGE_KINDS
+    kind: str                               # kiln.runtime.kinds.KINDS
     node_ids: list[str]
     inputs: dict[str, str]                  # stage-local name -> environment name
     outputs: dict[str, str]
@@ -75,7 +74,7 @@ class Manifest:
     torch_version: str
     target: dict                 # {"device": "cpu", "dtype": "fp32", "backend": "aoti"} (+ "onnx_opset")
     workflow: dict
-    inputs: list[InputSpec]
+    inputs: list[RuntimeInput]
     stages: list[StageSpec]
     folded: list[dict] = field(default_factory=list)
     dropped_models: list[str] = field(default_factory=list)
@@ -88,7 +87,7 @@ class Manifest:
         ordered = {"format": data.pop("format"), "format_version": data.pop("format_version"), **data}
         return json.dumps(ordered, indent=1, sort_keys=False).encode("utf-8")
 
-    def input(self, name: str) -> InputSpec | None:
+    def input(self, name: str) -> RuntimeInput | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
 
 
@@ -141,14 +140,14 @@ def manifest_from_dict(raw: dict) -> Manifest:
                     format_version=raw.get("format_version", FORMAT_VERSION))
 
 
-def _input_spec(item: Any, index: int) -> InputSpec:
+def _input_spec(item: Any, index: int) -> RuntimeInput:
     where = f"inputs[{index}]"
     if not isinstance(item, dict):
         raise PlanError("invalid_plan", f"manifest {where} is not an object")
-    spec = InputSpec(name=_field(item, "name", str, where), node_id=_field(item, "node_id", str, where),
-                     input_name=_field(item, "input_name", str, where), type=_field(item, "type", str, where),
-                     default=item.get("default"), min=item.get("min"), max=item.get("max"),
-                     choices=item.get("choices"))
+    spec = RuntimeInput(name=_field(item, "name", str, where), node_id=_field(item, "node_id", str, where),
+                        input_name=_field(item, "input_name", str, where), type=_field(item, "type", str, where),
+                        default=item.get("default"), min=item.get("min"), max=item.get("max"),
+                        choices=item.get("choices"), seed=item.get("seed") is True)
     if spec.type not in INPUT_TYPES:
         raise PlanError("invalid_plan", f"manifest {where} ({spec.name}) has an unknown type",
                         expected=" | ".join(INPUT_TYPES), found=repr(spec.type))
@@ -167,13 +166,6 @@ def _stage_spec(item: Any, index: int) -> StageSpec:
                       outputs=dict(_field(item, "outputs", dict, where)),
                       params=dict(_field(item, "params", dict, where)),
                       artifact=item.get("artifact"), constant_names=dict(item.get("constant_names") or {}))
-    if stage.kind not in STAGE_KINDS:
-        raise PlanError("invalid_plan", f"manifest {where} ({stage.name}) has an unknown stage kind",
-                        expected=" | ".join(STAGE_KINDS), found=repr(stage.kind))
-    if (stage.artifact is not None) != (stage.kind in COMPILED_KINDS):
-        expected = "an artifact" if stage.kind in COMPILED_KINDS else "no artifact"
-        raise PlanError("invalid_plan", f"{stage.describe()} is malformed", expected=expected,
-                        found=repr(stage.artifact))
     return stage
 
 

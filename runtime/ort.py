@@ -14,11 +14,11 @@ device between steps and stages.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from kiln.runtime.artifacts import cache_dir
 from kiln.runtime.errors import PlanError
 
 CPU = "CPUExecutionProvider"
@@ -74,7 +74,7 @@ class OnnxStage:
     positionally, as the AOTInductor stages are called."""
 
     def __init__(self, model: bytes, weights: Mapping[str, torch.Tensor], providers: list[str],
-                 device: torch.device, label: str):
+                 device: torch.device, label: str, cache: Path):
         ort = onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -86,7 +86,7 @@ class OnnxStage:
         options.add_external_initializers(list(weights), self._weights)
         self._device = device
         try:
-            self._session = ort.InferenceSession(model, options, providers=_with_options(providers, device))
+            self._session = ort.InferenceSession(model, options, providers=_with_options(providers, device, cache))
         except Exception as exc:   # onnxruntime raises its own Fail/InvalidGraph/... types
             raise PlanError("invalid_plan", f"{label}: onnxruntime cannot load the artifact ({exc})") from exc
         self._inputs = [i.name for i in self._session.get_inputs()]
@@ -110,12 +110,12 @@ class OnnxStage:
         return [torch.from_dlpack(outputs.dlpack_at(i)) for i in range(len(self._outputs))]
 
 
-def _with_options(providers: list[str], device: torch.device) -> list:
+def _with_options(providers: list[str], device: torch.device, cache: Path) -> list:
     """GPU providers run on torch's current CUDA stream, so no synchronisation is needed; TensorRT
-    keeps its engines in kiln's cache (building them takes minutes)."""
+    keeps its engines in kiln's cache folder (building them takes minutes)."""
     if device.type != "cuda":
         return providers
     stream = str(torch.cuda.current_stream(device).cuda_stream)
     options = {"device_id": str(device.index or 0), "user_compute_stream": stream}
-    tensorrt = {**options, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir() / "tensorrt")}
+    tensorrt = {**options, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache / "tensorrt")}
     return [(p, tensorrt if p == PROVIDERS["tensorrt"] else options) if p in _GPU_PROVIDERS else p for p in providers]

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from kiln.kernels.clip_bpe import ClipBpe
+from kiln.kernels.settings import Settings
 from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
+from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.errors import PlanError
-from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
+from kiln.runtime.kinds import KINDS
 from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest,
                                    parse_manifest)
-from kiln.runtime.stages import check_dataflow
+from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
 
 ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., file name length, extra length
@@ -174,11 +176,12 @@ class LoadedPlan:
     tokenizers: dict[str, ClipBpe] = field(default_factory=dict)   # vocabulary member -> tokenizer
 
 
-def load_plan(path: str | Path, provider: str | None = None) -> LoadedPlan:
+def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings()) -> LoadedPlan:
     """Verify (format, versions, device, member hashes), then map weights and load the artifacts.
 
     ``provider`` forces an onnxruntime execution provider for an ONNX plan (``cuda``,
     ``TensorrtExecutionProvider``, ...): PlanError when it is not available, never a fallback.
+    AOTInductor packages are extracted to the settings' cache folder (the loader opens files).
     """
     start = time.perf_counter()
     reader = PlanReader(path)
@@ -206,9 +209,10 @@ def load_plan(path: str | Path, provider: str | None = None) -> LoadedPlan:
             stage_weights = {fqn: weights[k] for fqn, k in stage.constant_names.items()}
             if onnx:
                 loaded[key] = OnnxStage(bytes(reader.member(stage.artifact)), stage_weights, providers, device,
-                                        stage.describe())
+                                        stage.describe(), settings.artifact_cache)
             else:
-                artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact])
+                artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact],
+                                           settings.artifact_cache)
                 loaded[key] = CompiledStage(artifact, stage_weights, device, stage.describe())
         compiled[stage.name] = loaded[key]
     sizes = {name: info.file_size for name, info in reader.entries.items()}
@@ -269,7 +273,8 @@ def describe_plan(path: str | Path) -> str:
         lines.append(f"  {i}. {stage.name}: {stage.kind}, node{_s(stage.node_ids)} {', '.join(stage.node_ids)}")
         reads, writes = ", ".join(stage.inputs.values()) or "-", ", ".join(stage.outputs.values()) or "-"
         lines.append(f"     reads {reads}; writes {writes}")
-        settings = _settings(stage)
+        kind = KINDS.get(stage.kind)
+        settings = kind.describe(stage) if kind is not None else ""
         if settings:
             lines.append(f"     {settings}")
         if stage.artifact is not None:
@@ -283,21 +288,6 @@ def describe_plan(path: str | Path) -> str:
     lines.append(f"members ({_size(reader.path.stat().st_size)} in all):")
     lines.extend(f"  {name}: {_size(size)}" for name, size in sizes.items())
     return "\n".join(lines)
-
-
-# Stage params worth a glance in ``kiln inspect`` (the rest is plumbing).
-_SHOWN_PARAMS = {"tokenize": ("pad_tokens", "max_chunks"),
-                 "sample": ("sampler_name", "scheduler", "steps", "cfg", "denoise", "prediction", "start_at_step",
-                            "end_at_step", "inpaint"),
-                 "save_image": ("filename_prefix", "preview")}
-
-
-def _settings(stage) -> str:
-    """``sampler_name=euler, steps=20, ...`` for a stage's constant settings; SDXL noted."""
-    shown = [f"{k}={stage.params[k]}" for k in _SHOWN_PARAMS.get(stage.kind, ()) if k in stage.params]
-    if "sdxl" in stage.params:
-        shown.append("sdxl size conditioning built at run time")
-    return ", ".join(shown)
 
 
 def _release(version: str) -> str:

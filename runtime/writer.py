@@ -23,10 +23,12 @@ from typing import Iterable, Mapping
 import torch
 from safetensors.torch import save_file
 
+from kiln.kernels.settings import Settings
 from kiln.runtime.artifacts import cached_artifact, constant_fqns, sha256_of
-from kiln.runtime.manifest import (COMPILED_KINDS, CONSTANTS_MEMBER, FORMAT, FORMAT_VERSION, MANIFEST_MEMBER,
-                                   WEIGHTS_MEMBER, artifact_member, manifest_from_dict)
-from kiln.runtime.stages import check_dataflow
+from kiln.runtime.dataflow import check_dataflow
+from kiln.runtime.kinds import KINDS
+from kiln.runtime.manifest import (CONSTANTS_MEMBER, FORMAT, FORMAT_VERSION, MANIFEST_MEMBER, WEIGHTS_MEMBER,
+                                   artifact_member, manifest_from_dict)
 
 MEMBER_ALIGNMENT = 64
 _PADDING_EXTRA_ID = 0xD935   # zipalign's extra-field id: ignored by every zip reader
@@ -47,9 +49,10 @@ class PlanWriter:
                       "folded": [...], "dropped_models": [...]})
     """
 
-    def __init__(self, path: str | os.PathLike, backend: str = "aoti"):
+    def __init__(self, path: str | os.PathLike, backend: str = "aoti", cache: Path | None = None):
         self.path = Path(path)
         self.backend = backend
+        self.cache = Settings().artifact_cache if cache is None else Path(cache)   # where .pt2 packages are opened
         self._artifacts: dict[str, bytes] = {}               # stage -> artifact bytes
         self._members: dict[str, str] = {}                   # stage -> artifact member (shared if identical)
         self._constant_names: dict[str, dict[str, str]] = {}  # stage -> FQN -> weights key
@@ -70,7 +73,7 @@ class PlanWriter:
         """
         data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
         fqns = (list(constant_names) if constant_names is not None
-                else constant_fqns(cached_artifact(data, sha256_of(data)), device))
+                else constant_fqns(cached_artifact(data, sha256_of(data), self.cache), device))
         missing = [fqn for fqn in fqns if fqn not in weights]
         if missing:
             raise ValueError(f"stage {stage_name}: the artifact needs weights that were not given: {missing[:8]}")
@@ -124,7 +127,8 @@ class PlanWriter:
 
     def _stage_entry(self, stage: dict) -> dict:
         name = stage.get("name")
-        if stage.get("kind") in COMPILED_KINDS:
+        kind = KINDS.get(stage.get("kind"))
+        if kind is not None and kind.compiled:
             if name not in self._artifacts:
                 raise ValueError(f"stage {name} ({stage.get('kind')}) has no artifact: call add_artifact first")
             stage.update(artifact=self._members[name], constant_names=self._constant_names[name])

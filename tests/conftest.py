@@ -20,6 +20,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def artifact_cache_dir(request, tmp_path_factory) -> Path:
+    """Where tests keep compiled test artifacts: pytest's cache folder, so they survive between
+    runs, or a session folder when the cache plugin is off (``-p no:cacheprovider``)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("kiln-tiny-aoti")
+    return Path(cache.mkdir("kiln-tiny-aoti"))
+
+
+@pytest.fixture(scope="session")
+def compiled_cache(tmp_path_factory) -> Path:
+    """A compiled-artifact cache (``Settings.cache_dir``) the session's plans share."""
+    return tmp_path_factory.mktemp("kiln-compiled")
+
+
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """A ComfyUI-layout models folder with tiny random-weight checkpoints and an ESRGAN."""
     from kiln.demo import write_demo_models

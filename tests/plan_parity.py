@@ -1,9 +1,8 @@
 """What the AOTInductor and ONNX plan tests share: image parity against the interpreter, a
-per-scope artifact cache, and the runtime-prompt checks both backends must pass."""
+compiler writing into a per-scope artifact cache, and the runtime-prompt checks both backends must pass."""
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from PIL import Image
 
 from kiln.api import run_workflow
 from kiln.compiler.pipeline import compile_workflow
+from kiln.kernels.settings import Settings
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
@@ -24,25 +24,14 @@ PARITY = {"fp32": (60.0, 2), "bf16": (30.0, 40)}
 LONG_PROMPT = "a (red fox:1.3) in the snow, ((detailed)), " + ", ".join(f"tree {i}" for i in range(40))
 
 
-@contextmanager
-def cache_dir(path):
-    """KILN_CACHE_DIR set to ``path`` for the duration (compiled artifacts shared inside a scope)."""
-    old = os.environ.get("KILN_CACHE_DIR")
-    os.environ["KILN_CACHE_DIR"] = str(path)
-    try:
-        yield path
-    finally:
-        if old is None:
-            del os.environ["KILN_CACHE_DIR"]
-        else:
-            os.environ["KILN_CACHE_DIR"] = old
+def plan_compiler(folder, models_dir, input_dir, backend: str, cache):
+    """``build(name, workflow, inputs=(), dtype="fp32") -> plan path``, compiled into ``folder``
+    with compiled artifacts cached in ``cache`` (shared by the plans of a scope)."""
+    settings = Settings(cache_dir=cache)
 
-
-def plan_compiler(folder, models_dir, input_dir, backend: str):
-    """``build(name, workflow, inputs=(), dtype="fp32") -> plan path``, compiled into ``folder``."""
     def build(name: str, workflow: dict, inputs=(), dtype: str = "fp32"):
         return compile_workflow(workflow, models=models_dir, input_dir=input_dir, inputs=inputs, backend=backend,
-                                dtype=dtype, output=folder / f"{name}.plan")
+                                dtype=dtype, output=folder / f"{name}.plan", settings=settings)
     return build
 
 

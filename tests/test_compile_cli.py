@@ -34,10 +34,11 @@ def fake_lowering(monkeypatch):
         calls["denoisers"].append(("guided", cfg, options, tensor_names))
         return torch.nn.Identity()
 
-    def lower(program, output: Path, progress):
+    def lower(program, output: Path, cache: Path, progress):
         calls["program"] = program
         for i, stage in enumerate(program.stages):
-            progress(stage.name, i, len(program.stages))
+            if progress is not None:
+                progress(stage.name, i, len(program.stages))
         output.write_bytes(b"plan")
         return output
 

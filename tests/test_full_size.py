@@ -26,13 +26,13 @@ def test_hires_fix_full_size_sd15(tmp_path):
 
 
 @pytest.mark.slow
-def test_hires_fix_full_size_onnx_plan(tmp_path, monkeypatch):
+def test_hires_fix_full_size_onnx_plan(tmp_path):
     """The same chain at full size (SD1.5 UNet/VAE/CLIP, 23-block ESRGAN x4) as an ONNX plan with a
     runtime prompt, against the interpreter."""
     from kiln.compiler.pipeline import compile_workflow
+    from kiln.kernels.settings import Settings
     from plan_parity import LONG_PROMPT, assert_parity
 
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     models = tmp_path / "models"
     write_checkpoint(models / "checkpoints" / "tiny-sd15.safetensors", "sd1", size="full", seed=0)
     write_esrgan(models / "upscale_models" / "tiny-esrgan-x4.safetensors", scale=4, num_feat=64, num_block=23)
@@ -40,5 +40,6 @@ def test_hires_fix_full_size_onnx_plan(tmp_path, monkeypatch):
     wf["5"]["inputs"].update(width=128, height=128)
     wf["3"]["inputs"]["steps"] = 3
     wf["14"]["inputs"]["steps"] = 2
-    plan = compile_workflow(wf, models=models, inputs=["6.text"], backend="onnx", output=tmp_path / "hires.plan")
+    plan = compile_workflow(wf, models=models, inputs=["6.text"], backend="onnx", output=tmp_path / "hires.plan",
+                            settings=Settings(cache_dir=tmp_path / "cache"))
     assert_parity(wf, plan, tmp_path, models, None, {"6.text": LONG_PROMPT})

@@ -1,5 +1,6 @@
-"""Fused sampler-step kernels (kiln.kernels.fused): Triton in interpret mode vs the torch twins,
-fused sampler loops vs the eager samplers and ComfyUI's vectors, the switch, the torch.library ops.
+"""The step dispatcher (kiln.kernels.fused): Triton in interpret mode vs the torch twins, kernel by
+kernel and through every sampler loop (on ComfyUI's vectors), combined predictions, the modes
+(``check`` included), the torch.library ops, and plans whose sample stages run the kernels.
 
 Triton decides at decoration time whether a ``@triton.jit`` function is interpreted. Triton itself
 is imported normally first (its library stays compiled-mode, as in the rest of the session); then
@@ -55,41 +56,44 @@ def _interpret_mode():
         os.environ["TRITON_INTERPRET"] = saved
 
 
-from kiln.kernels.cfg import skips_uncond
-from kiln.kernels.fused import dispatch
-from kiln.kernels.fused.loop import Stepper, fusable_options
-from kiln.kernels.fused.ops import FAMILIES, call_twin, launch_triton
-from kiln.kernels.fused.samplers import FUSED_SAMPLER_NAMES, get_fused_sampler
+from kiln.kernels.cfg import Prediction, cfg_combine
+from kiln.kernels.errors import KilnError
+from kiln.kernels.fused import dispatch, families
+from kiln.kernels.fused.dispatch import StepMismatch, check_mode
+from kiln.kernels.fused.families import FAMILIES, Family, call_twin
+from kiln.kernels.fused.ops import launch_triton
+from kiln.kernels.ksampler import ksampler_sample
 from kiln.kernels.samplers import SAMPLER_NAMES, get_sampler
 from kiln.kernels.schedules import karras
+from kiln.kernels.settings import Settings
 from toy_denoiser import ToyDenoiser
 from vectors import tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4   # vectors README: fp32 samplers, noise reproduced
+# ComfyUI samplers whose steps are not kernels (they step in torch, written once).
+NO_STEP_KERNELS = {"heunpp2", "dpm_fast", "dpm_adaptive", "gradient_estimation", "gradient_estimation_cfg_pp",
+                   "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
+KERNEL_SAMPLERS = sorted(set(SAMPLER_NAMES) - NO_STEP_KERNELS)
 
 
-class SplitToy:
-    """The vectors' toy model as a split denoiser: cond/uncond read through a post-CFG hook."""
+class CombinedToy(ToyDenoiser):
+    """A compiled plan's denoiser in miniature (kiln.runtime.kinds.sample.CompiledDenoiser): the
+    prediction comes back already CFG-combined, with the uncond one beside it."""
 
-    def __init__(self, cfg: float = 2.0):
-        self.toy = ToyDenoiser(cfg)
-        self.cfg = cfg
-        self.model_sampling = self.toy.model_sampling
+    def predict(self, x, sigma, **kwargs):
+        split = super().predict(x, sigma, **kwargs)
+        return Prediction(cfg_combine(split.cond, split.uncond, split.scale), split.uncond, split.scale, combined=True)
 
-    @property
-    def calls(self) -> int:
-        return self.toy.calls
 
-    def predict(self, x, sigma, model_options=None, seed=None, **_):
-        seen = {}
+def _count_launches(monkeypatch) -> list[str]:
+    """The families of the Triton kernels launched from now on (the list fills as they run)."""
+    import kiln.kernels.fused.ops as ops
 
-        def hook(args):
-            seen.update(cond=args["cond_denoised"], uncond=args["uncond_denoised"])
-            return args["denoised"]
-
-        self.toy(x, sigma, model_options={**(model_options or {}), "sampler_post_cfg_function": [hook]})
-        return seen["cond"], None if skips_uncond(self.cfg, model_options or {}) else seen["uncond"]
+    launches = []
+    real_launch = ops.launch_triton
+    monkeypatch.setattr(ops, "launch_triton", lambda *a, **k: launches.append(a[0].name) or real_launch(*a, **k))
+    return launches
 
 
 # --- every kernel vs its twin --------------------------------------------------------------------
@@ -103,10 +107,10 @@ CASES = {
     + [(("h1",), ("d",), {"sequential": 0})],
     "expint": [(("uncond", "old", "noise"), ("den",), {}), (("uncond",), (), {})],
     "sde_multistep": [(("uncond", "h1", "h2", "noise"), ("den",), {"mode": m}) for m in range(4)],
-    "res": [(("uncond", "old", "noise"), ("den",), {"cfg_pp": c}) for c in (0, 1)],
-    "cfgpp_euler": [(("uncond", "noise"), ("den",), {}), (("uncond",), (), {})],
-    "cfgpp_2s": [(("uncond", "den1", "noise"), ("den",), {}), (("uncond",), ("den",), {})],
-    "cfgpp_2m": [(("uncond", "old"), ("den",), {}), (("uncond",), (), {})],
+    "res": [(("uncond", "old", "noise"), ("den",), {"cfg_pp": c, "combined": k}) for c in (0, 1) for k in (0, 1)],
+    "cfgpp_euler": [(("uncond", "noise"), ("den",), {"combined": 0}), (("uncond",), (), {"combined": 1})],
+    "cfgpp_2s": [(("uncond", "den1", "noise"), ("den",), {"combined": 0}), (("uncond",), ("den",), {"combined": 1})],
+    "cfgpp_2m": [(("uncond", "old"), ("den",), {"combined": 1}), (("uncond",), (), {"combined": 0})],
     "ddpm": [(("uncond", "noise"), ("den",), {"rescale": 1}), (("uncond",), (), {"rescale": 0})],
     "er_sde": [(("uncond", "old", "old_d", "noise"), ("den", "den_d"), {"stage": s}) for s in (1, 2, 3)],
     "unipc": [(("uncond", "xin", "m0", "m1", "m2"), (), {"nc": nc, "np": np_, "final": f})
@@ -165,9 +169,9 @@ def test_half_inputs_are_computed_in_fp32():
     assert not torch.equal(out, euler(x, cond, uncond))
 
 
-# --- whole sampler runs on ComfyUI's vectors -----------------------------------------------------
+# --- whole sampler loops through the dispatcher ----------------------------------------------------
 
-def _vector_run(name, fused: bool, batch_extra: int = 0):
+def _vector_run(name, step_mode: str, model=None, batch_extra: int = 0):
     key = f"{name}/karras10"
     sigmas = tensors("samplers")[f"sigmas/{key}"]
     noise = tensors("samplers")["input/noise_seed42_1x4x8x8"]
@@ -175,87 +179,108 @@ def _vector_run(name, fused: bool, batch_extra: int = 0):
         extra = torch.randn((batch_extra,) + noise.shape[1:], generator=torch.Generator().manual_seed(7))
         noise = torch.cat([noise, extra])
     x0 = noise * sigmas[0]
-    model, seen = (SplitToy() if fused else ToyDenoiser()), []
-    sampler = get_fused_sampler(name) if fused else get_sampler(name)
-    out = sampler(model, x0, sigmas.clone(), {"model_options": {}, "seed": 42}, seen.append)
+    model, seen = model or ToyDenoiser(), []
+    out = get_sampler(name)(model, x0, sigmas.clone(), {"seed": 42, "step_mode": step_mode}, seen.append)
     return out, model.calls, seen
 
 
-@pytest.mark.parametrize("mode", ["twin", "triton"])
-@pytest.mark.parametrize("name", sorted(FUSED_SAMPLER_NAMES))
-def test_fused_sampler_matches_comfyui_and_eager(name, mode):
-    with dispatch.mode("off" if mode == "twin" else "triton"):
-        out, calls, seen = _vector_run(name, fused=True)
-    eager, eager_calls, eager_seen = _vector_run(name, fused=False)
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_triton_and_twin_runs_of_every_sampler_are_equal_and_match_comfyui(name, monkeypatch):
+    launches = _count_launches(monkeypatch)
+    out, calls, seen = _vector_run(name, "triton")
+    assert bool(launches) == (name not in NO_STEP_KERNELS)
+    twin, twin_calls, twin_seen = _vector_run(name, "off")
     assert (out - tensors("samplers")[f"final/{name}/karras10"]).abs().max() <= TOL
-    # the kernels replay the eager step functions' float operations: bitwise equal on CPU
-    assert torch.equal(out, eager)
-    assert calls == eager_calls and len(seen) == len(eager_seen)
-    for a, b in zip(seen, eager_seen):
+    # the kernels replay the twins' float operations: bitwise equal on CPU
+    assert torch.equal(out, twin)
+    assert calls == twin_calls and len(seen) == len(twin_seen)
+    for a, b in zip(seen, twin_seen):
         assert a["i"] == b["i"] and torch.equal(a["x"], b["x"]) and torch.equal(a["denoised"], b["denoised"])
 
 
+@pytest.mark.parametrize("mode", ["off", "triton"])
+@pytest.mark.parametrize("name", KERNEL_SAMPLERS)
+def test_a_combined_prediction_gives_the_split_result(name, mode):
+    """A plan's denoiser combines CFG itself; the kernels then use its prediction as is (CFG++
+    families still read the uncond beside it), which is the same computation."""
+    split, _, _ = _vector_run(name, mode)
+    combined, _, _ = _vector_run(name, mode, CombinedToy())
+    assert torch.equal(split, combined)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("name", sorted(FUSED_SAMPLER_NAMES))
-def test_short_schedules_equal_eager(name, steps):
+@pytest.mark.parametrize("name", KERNEL_SAMPLERS)
+def test_short_schedules_triton_equals_twin(name, steps):
     """First-step, last-step and order-lowering branches: 1 and 3 step schedules."""
-    toy = ToyDenoiser()
-    sigmas = karras(toy.model_sampling, steps)
+    sigmas = karras(ToyDenoiser().model_sampling, steps)
     x0 = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(steps)) * sigmas[0]
-    with dispatch.mode("triton"):
-        fused = get_fused_sampler(name)(SplitToy(), x0, sigmas, {"model_options": {}, "seed": 5})
-    eager = get_sampler(name)(toy, x0, sigmas.clone(), {"model_options": {}, "seed": 5})
-    assert torch.equal(fused, eager)
+    runs = [get_sampler(name)(ToyDenoiser(), x0, sigmas.clone(), {"seed": 5, "step_mode": mode})
+            for mode in ("triton", "off")]
+    assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "uni_pc", "lms"])
 def test_batch_of_three_triton_equals_twin(name):
-    with dispatch.mode("triton"):
-        fused, _, _ = _vector_run(name, fused=True, batch_extra=2)
-    with dispatch.mode("off"):
-        twin, _, _ = _vector_run(name, fused=True, batch_extra=2)
+    fused, _, _ = _vector_run(name, "triton", batch_extra=2)
+    twin, _, _ = _vector_run(name, "off", batch_extra=2)
     assert fused.shape[0] == 3 and torch.equal(fused, twin)
     if name in ("lms", "uni_pc"):   # deterministic: item 0 is the vectors' run
         assert (fused[:1] - tensors("samplers")[f"final/{name}/karras10"]).abs().max() <= TOL
 
 
-def test_cfg_one_skips_uncond_and_equals_cond_path():
-    """cfg 1: no uncond is passed and the kernel uses cond as the prediction (ComfyUI's shortcut)."""
+def test_cfg_one_skips_uncond_and_uses_cond():
+    """cfg 1: no uncond reaches the kernel, which uses cond as the prediction (ComfyUI's shortcut)."""
     sigmas = tensors("samplers")["sigmas/dpmpp_2m/karras10"]
     x0 = tensors("samplers")["input/noise_seed42_1x4x8x8"] * sigmas[0]
-    model = SplitToy(cfg=1.0)
-    with dispatch.mode("triton"):
-        fused = get_fused_sampler("dpmpp_2m")(model, x0, sigmas, {"model_options": {}, "seed": 42})
-    eager = get_sampler("dpmpp_2m")(ToyDenoiser(cfg=1.0), x0, sigmas, {"model_options": {}, "seed": 42})
-    assert (fused - eager).abs().max() <= 1e-5
-    assert not torch.equal(fused, get_fused_sampler("dpmpp_2m")(SplitToy(), x0, sigmas, {"seed": 42}))
+    one = [get_sampler("dpmpp_2m")(ToyDenoiser(cfg=1.0), x0, sigmas, {"seed": 42, "step_mode": mode})
+           for mode in ("triton", "off")]
+    assert torch.equal(*one)
+    assert not torch.equal(one[0], get_sampler("dpmpp_2m")(ToyDenoiser(), x0, sigmas, {"seed": 42}))
 
 
-def test_registry_and_unfusable_runs():
-    assert FUSED_SAMPLER_NAMES <= set(SAMPLER_NAMES)
-    assert get_fused_sampler("heunpp2") is None and get_fused_sampler("ddim") is get_fused_sampler("euler")
-    hook = {"sampler_post_cfg_function": [lambda args: args["denoised"]]}
-    assert fusable_options({}) and not fusable_options(hook)
-    with pytest.raises(ValueError, match="eager sampler"):
-        Stepper(SplitToy(), torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 0.0]), {"model_options": hook})
+# --- the modes ------------------------------------------------------------------------------------
 
-
-# --- the switch and the torch.library ops -------------------------------------------------------
-
-def test_mode_switch():
+def test_modes_and_backends():
     x = torch.zeros(1)
-    assert dispatch.get_mode() == "auto" and dispatch.backend(x) == "twin"   # CPU tensors use the twin
-    with dispatch.mode("0"):
-        assert dispatch.get_mode() == "off" and dispatch.backend(x) == "twin"
-        with dispatch.mode("triton"):
-            assert dispatch.backend(x) == "triton"
-        assert dispatch.get_mode() == "off"
-    assert dispatch.get_mode() == "auto"
-    with pytest.raises(ValueError, match="KILN_FUSED"):
-        dispatch.set_mode("sometimes")
+    assert dispatch.backend(x) == "twin"   # auto: CPU tensors use the twin
+    assert dispatch.backend(x, "off") == "twin" and dispatch.backend(x, "triton") == "triton"
+    assert dispatch.backend(x, "check") == "check"
+    with pytest.raises(ValueError, match="step kernel mode 'sometimes'"):
+        check_mode("sometimes")
     with pytest.raises(TypeError, match="missing switches"):
         dispatch.step("res", torch.zeros(7), 1.0, x=x, cond=x, old=x)
 
+
+def test_the_environment_is_read_into_settings_once():
+    assert Settings.from_environment({}).step_kernels == "auto"
+    for raw, mode in (("0", "off"), ("OFF", "off"), ("1", "auto"), ("triton", "triton"), ("check", "check")):
+        assert Settings.from_environment({"KILN_FUSED": raw}).step_kernels == mode
+    assert Settings.from_environment({"KILN_CACHE_DIR": "/c"}).artifact_cache == Path("/c")
+    assert Settings.from_environment({"XDG_CACHE_HOME": "/x"}).artifact_cache == Path("/x/kiln")
+    with pytest.raises(KilnError, match=r"input 'KILN_FUSED': invalid_setting.*found 'sometimes'"):
+        Settings.from_environment({"KILN_FUSED": "sometimes"})
+
+
+def test_check_mode_runs_kernel_and_twin_and_passes_when_they_agree(monkeypatch):
+    launches = _count_launches(monkeypatch)
+    checked, _, _ = _vector_run("dpmpp_2m_sde", "check")
+    twin, _, _ = _vector_run("dpmpp_2m_sde", "off")
+    assert launches and torch.equal(checked, twin)
+
+
+def test_check_mode_fails_on_a_kernel_that_disagrees_with_its_twin(monkeypatch):
+    real = FAMILIES["euler"]
+
+    def off_by_a_little(coef, scale, x, cond, **kw):
+        out, den = real.twin(coef, scale, x, cond, **kw)
+        return out + 1e-3, den
+
+    monkeypatch.setitem(families.FAMILIES, "euler", Family(**{**real.__dict__, "twin": off_by_a_little}))
+    with pytest.raises(StepMismatch, match=r"fused euler: output out differs from the torch twin"):
+        _vector_run("euler", "check")
+
+
+# --- the torch.library ops ------------------------------------------------------------------------
 
 def test_op_cpu_kernel_is_the_twin():
     gen = torch.Generator().manual_seed(3)
@@ -267,13 +292,12 @@ def test_op_cpu_kernel_is_the_twin():
     assert torch.equal(outs[0], want[0]) and torch.equal(outs[1], want[1])
 
 
-def test_export_keeps_the_op_and_env_switch():
+def test_export_keeps_the_op():
     """torch.export traces the triton_op as one node (in a fresh process without interpret mode:
-    Triton's interpreter cannot trace fake tensors); KILN_FUSED=0 is read at import."""
+    Triton's interpreter cannot trace fake tensors)."""
     code = """
 import torch
-from kiln.kernels.fused import dispatch, ops  # ops registers kiln::fused_*
-assert dispatch.get_mode() == "off", dispatch.get_mode()
+from kiln.kernels.fused import ops  # registers kiln::fused_*
 class Step(torch.nn.Module):
     def forward(self, x, cond, uncond, coef):
         return torch.ops.kiln.fused_euler(coef, 7.5, x, cond, uncond, None, None, 0, [])[0]
@@ -286,10 +310,12 @@ den = u + (c - u) * 7.5
 assert torch.equal(ep.module()(*args), x + ((x - den) / coef[0]) * coef[1])
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"KILN_FUSED": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
+
+# --- the kernel benchmark -------------------------------------------------------------------------
 
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
@@ -298,8 +324,8 @@ def _bench():
     return bench
 
 
-def test_benchmark_exits_cleanly_without_cuda(capsys):
-    assert not torch.cuda.is_available()
+def test_benchmark_says_so_without_cuda(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _bench().main([]) == 0
     out = capsys.readouterr().out
     assert "no CUDA device" in out and "GB/s" not in out
@@ -308,9 +334,9 @@ def test_benchmark_exits_cleanly_without_cuda(capsys):
 def test_benchmark_measurements_run_on_cpu_twins():
     """The benchmark's measuring code, exercised on tiny CPU tensors (twins only, no numbers reported)."""
     bench = _bench()
-    rows = bench.sampler_rows(["euler", "dpmpp_2m_sde", "uni_pc"], torch.device("cpu"), batch=1,
+    rows = bench.sampler_rows(["euler", "dpmpp_2m_sde", "heunpp2", "uni_pc"], torch.device("cpu"), batch=1,
                               latent=(4, 8, 8), steps=4, repeats=1)
-    assert [r["sampler"] for r in rows] == ["euler", "dpmpp_2m_sde", "uni_pc"]
+    assert [r["sampler"] for r in rows] == ["euler", "dpmpp_2m_sde", "uni_pc"]   # heunpp2 has no step kernels
     assert all(r["bytes_per_step"] > 0 and r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
     kernels = bench.kernel_rows(torch.device("cpu"), batch=2, latent=(4, 8, 8), repeats=1, inner=1)
     assert {r["family"] for r in kernels} == set(FAMILIES)
@@ -318,68 +344,38 @@ def test_benchmark_measurements_run_on_cpu_twins():
     assert next(r["bytes"] for r in kernels if r["family"] == "euler") == 5 * 2 * 4 * 8 * 8 * 4
 
 
-# --- plans: the runtime's sampler loop picks the fused kernels ------------------------------
-class CombinedToy:
-    """A compiled plan's denoiser in miniature (kiln.runtime.stages.CompiledDenoiser): ``predict``
-    hands back the already CFG-combined prediction and no uncond."""
+# --- plans: the runtime's sampler loop on the kernels ---------------------------------------------
 
-    combined_prediction = True
-
-    def __init__(self):
-        self.toy = ToyDenoiser()
-        self.model_sampling, self.cfg = self.toy.model_sampling, self.toy.cfg
-
-    def __call__(self, x, sigma, **kwargs):
-        return self.toy(x, sigma, **kwargs)
-
-    def predict(self, x, sigma, **kwargs):
-        return self.toy(x, sigma, **kwargs), None
-
-
-def _count_launches(monkeypatch) -> list[str]:
-    """The families of the Triton kernels launched from now on (the list fills as they run)."""
-    launches = []
-    real_launch = dispatch.launch_triton
-    monkeypatch.setattr(dispatch, "launch_triton", lambda *a, **k: launches.append(a[0].name) or real_launch(*a, **k))
-    return launches
-
-
-def _plan_sampling(name: str, monkeypatch, *, env: str | None = "triton", mode: str = "triton", mask: bool = False):
-    """(samples, Triton launches) of kiln.kernels.ksampler_sample as a plan's sample stage runs it."""
-    from kiln.kernels.ksampler import ksampler_sample
-
-    if env is None:
-        monkeypatch.delenv("KILN_FUSED", raising=False)
-    else:
-        monkeypatch.setenv("KILN_FUSED", env)
-    launches = _count_launches(monkeypatch)
+def _plan_sampling(name: str, step_mode: str, *, mask: bool = False):
+    """kiln.kernels.ksampler_sample as a plan's sample stage runs it (a combined prediction)."""
     gen = torch.Generator().manual_seed(3)
     noise, latent = torch.randn(2, 4, 5, 6, generator=gen), torch.randn(2, 4, 5, 6, generator=gen)
     denoise_mask = (torch.rand(2, 4, 5, 6, generator=gen) > 0.5).float() if mask else None
     sigmas = karras(ToyDenoiser().model_sampling, 6)
-    with dispatch.mode(mode):
-        out = ksampler_sample(CombinedToy(), name, sigmas, noise, latent, seed=4, denoise_mask=denoise_mask)
-    return out, launches
+    return ksampler_sample(CombinedToy(), name, sigmas, noise, latent, seed=4, denoise_mask=denoise_mask,
+                           step_mode=step_mode)
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "heun"])
-def test_plan_sampling_runs_the_fused_kernels(name, monkeypatch):
-    fused, launches = _plan_sampling(name, monkeypatch)
-    eager, none = _plan_sampling(name, monkeypatch, env=None)
-    assert launches and not none
-    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+@pytest.mark.parametrize("name, mask", [("euler", False), ("euler_ancestral", False), ("dpmpp_2m", False),
+                                        ("dpmpp_2m_sde", False), ("uni_pc", False), ("heun", False),
+                                        ("euler_cfg_pp", False), ("res_multistep_cfg_pp", False),
+                                        ("euler", True), ("dpmpp_2m_cfg_pp", True)])
+def test_plan_sampling_runs_the_kernels(name, mask, monkeypatch):
+    """Compiled denoisers (combined predictions), CFG++ samplers and inpaint masks included."""
+    launches = _count_launches(monkeypatch)
+    fused = _plan_sampling(name, "triton", mask=mask)
+    assert launches
+    assert torch.equal(fused, _plan_sampling(name, "off", mask=mask))
 
 
-@pytest.mark.parametrize("name, case", [("euler_cfg_pp", "cfg++ needs the uncond prediction"),
-                                        ("euler", "inpaint mask"), ("dpm_adaptive", "no fused loop"),
-                                        ("euler", "KILN_FUSED=off")])
-def test_plan_sampling_falls_back_to_eager(name, case, monkeypatch):
-    mode = "off" if case == "KILN_FUSED=off" else "triton"
-    _, launches = _plan_sampling(name, monkeypatch, mode=mode, mask=case == "inpaint mask")
+@pytest.mark.parametrize("name, mode", [("dpm_adaptive", "triton"), ("euler", "off"), ("euler", "auto")])
+def test_no_kernels_launch_without_step_kernels_or_on_cpu_auto(name, mode, monkeypatch):
+    launches = _count_launches(monkeypatch)
+    _plan_sampling(name, mode)
     assert launches == []
 
 
-def test_a_plan_runs_its_sampler_stages_with_the_kernels(request, tmp_path, monkeypatch):
+def test_a_plan_runs_its_sampler_stages_with_the_kernels(artifact_cache_dir, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
@@ -387,14 +383,13 @@ def test_a_plan_runs_its_sampler_stages_with_the_kernels(request, tmp_path, monk
     from kiln.runtime.plan import load_plan
     from test_plan_format import tiny_artifacts, write_plan
 
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    artifacts = tiny_artifacts(Path(request.config.cache.mkdir("kiln-tiny-aoti")))
-    plan = load_plan(write_plan(tmp_path / "x.plan", artifacts))
-    eager = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "eager").saved
+    settings = Settings(cache_dir=tmp_path / "cache")
+    artifacts = tiny_artifacts(artifact_cache_dir)
+    plan = load_plan(write_plan(tmp_path / "x.plan", artifacts, cache=settings.cache_dir), settings=settings)
+    eager = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "eager", settings=settings).saved
     launches = _count_launches(monkeypatch)
-    monkeypatch.setenv("KILN_FUSED", "triton")
-    with dispatch.mode("triton"):
-        fused = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "fused").saved
+    fused = run_plan(plan, {"3.seed": 5}, output_dir=tmp_path / "fused",
+                     settings=Settings(step_kernels="triton", cache_dir=settings.cache_dir)).saved
     assert launches
     a, b = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (eager, fused))
-    assert np.abs(a - b).max() <= 1
+    assert np.array_equal(a, b)

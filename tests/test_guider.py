@@ -65,7 +65,7 @@ def test_uncond_and_cond_share_one_call_uncond_first():
     model = FakeModel()
     guider = Guider(model, cond(1.0), cond(-1.0), cfg=7.5).prepare(*_noise_latent())
     x, sigma = _inputs()
-    out = guider(x, sigma, model_options={})
+    out = guider(x, sigma)
     assert len(model.calls) == 1
     call = model.calls[0]
     assert call["x"].shape[0] == 2
@@ -80,28 +80,23 @@ def test_cfg_one_skips_the_negative():
     model = FakeModel()
     guider = Guider(model, cond(1.0), cond(-1.0), cfg=1.0).prepare(*_noise_latent())
     x, sigma = _inputs()
-    out = guider(x, sigma, model_options={})
+    out = guider(x, sigma)
     assert len(model.calls) == 1 and model.calls[0]["x"].shape[0] == 1
     assert model.calls[0]["context"][0, 0, 0] == 1.0
     assert torch.equal(out, model.predict(x, sigma, torch.full((1, 77, 8), 1.0)))
     # cfg++ samplers switch the shortcut off: both sides run again.
-    guider(x, sigma, model_options={"disable_cfg1_optimization": True})
+    guider.predict(x, sigma, need_uncond=True)
     assert model.calls[1]["x"].shape[0] == 2
 
 
-def test_post_cfg_hook_sees_uncond_prediction():
+def test_prediction_hands_both_sides_to_the_samplers():
     model = FakeModel()
     guider = Guider(model, cond(1.0), cond(-1.0), cfg=3.0).prepare(*_noise_latent())
     x, sigma = _inputs()
-    seen = {}
-
-    def hook(args):
-        seen.update(args)
-        return args["uncond_denoised"]
-
-    out = guider(x, sigma, model_options={"sampler_post_cfg_function": [hook]})
-    assert torch.equal(out, model.predict(x, sigma, torch.full((1, 77, 8), -1.0)))
-    assert torch.equal(seen["cond_denoised"], model.predict(x, sigma, torch.full((1, 77, 8), 1.0)))
+    prediction = guider.predict(x, sigma)
+    assert not prediction.combined and prediction.scale == 3.0
+    assert torch.equal(prediction.uncond, model.predict(x, sigma, torch.full((1, 77, 8), -1.0)))
+    assert torch.equal(prediction.cond, model.predict(x, sigma, torch.full((1, 77, 8), 1.0)))
 
 
 def _noise_latent(shape=(1, 4, 8, 8)):
@@ -131,7 +126,7 @@ def test_area_strength_and_feathering():
     shape = (1, 4, 16, 16)
     guider = Guider(model, positive, negative, cfg=2.0).prepare(*_noise_latent(shape))
     x, sigma = _inputs(shape)
-    out = guider(x, sigma, model_options={})
+    out = guider(x, sigma)
 
     # Two calls: full-size [uncond, cond], then the area crop [uncond twin, area cond].
     assert [c["x"].shape for c in model.calls] == [torch.Size([2, 4, 16, 16]), torch.Size([2, 4, 8, 8])]
@@ -155,7 +150,7 @@ def test_percentage_area_matches_pixel_area():
         model = FakeModel()
         positive = cond(0.5) + cond(2.0, area=area, strength=0.5)
         guider = Guider(model, positive, cond(-1.0), cfg=2.0).prepare(*_noise_latent((1, 4, 16, 16)))
-        results.append(guider(x, sigma, model_options={}))
+        results.append(guider(x, sigma))
     assert torch.equal(results[0], results[1])
 
 
@@ -166,7 +161,7 @@ def test_mask_cond_weights_by_mask_and_bounds():
     positive = cond(0.5) + cond(2.0, mask=mask, mask_strength=0.75, set_area_to_bounds=True)
     guider = Guider(model, positive, cond(-1.0), cfg=1.0).prepare(*_noise_latent((1, 4, 16, 16)))
     x, sigma = _inputs((1, 4, 16, 16))
-    out = guider(x, sigma, model_options={})
+    out = guider(x, sigma)
     # Bounds give an 8x8 crop at (y=2, x=3) (minimum size 8); weight = mask * mask_strength, no feather.
     assert [c["x"].shape[-2:] for c in model.calls] == [torch.Size([16, 16]), torch.Size([8, 8])]
     w = torch.zeros(1, 1, 16, 16)
@@ -182,9 +177,9 @@ def test_timestep_range_skips_cond_outside_its_sigmas():
     guider = Guider(model, positive, cond(-1.0), cfg=1.0).prepare(*_noise_latent())
     high = model.model_sampling.percent_to_sigma(0.5) * 1.5
     x, _ = _inputs()
-    guider(x, torch.tensor([high]), model_options={})
+    guider(x, torch.tensor([high]))
     assert model.calls[-1]["x"].shape[0] == 1           # second cond not active yet
-    guider(x, torch.tensor([high / 3]), model_options={})
+    guider(x, torch.tensor([high / 3]))
     assert model.calls[-1]["x"].shape[0] == 2
 
 
@@ -192,13 +187,13 @@ def test_token_lengths_lcm_repeat_or_split():
     model = FakeModel()
     guider = Guider(model, cond(1.0, tokens=77), cond(-1.0, tokens=154), cfg=2.0).prepare(*_noise_latent())
     x, sigma = _inputs()
-    guider(x, sigma, model_options={})
+    guider(x, sigma)
     assert len(model.calls) == 1 and model.calls[0]["context"].shape == (2, 154, 8)
     positive = torch.full((1, 77, 8), 1.0)
     assert torch.equal(model.calls[0]["context"][1], positive.repeat(1, 2, 1)[0])
     model.calls.clear()
     guider = Guider(model, cond(1.0, tokens=77), cond(-1.0, tokens=385), cfg=2.0).prepare(*_noise_latent())
-    guider(x, sigma, model_options={})
+    guider(x, sigma)
     assert [c["context"].shape[1] for c in model.calls] == [77, 385]   # 5x > 4x limit: two calls
 
 
@@ -213,7 +208,7 @@ def test_sdxl_adm_sizes_default_to_latent_pixel_size():
         {"width": 1024, "height": 768, "crop_w": 16, "crop_h": 0, "target_width": 1024, "target_height": 768},
     ]
     x, sigma = _inputs((2, 4, 12, 10))
-    guider(x, sigma, model_options={})
+    guider(x, sigma)
     y = model.calls[0]["y"]
     assert y.shape == (4, 10)   # batch 2 x [uncond, cond]
     assert y[0, 4:].tolist() == torch.tensor([768, 1024, 0, 16, 768, 1024]).div(1000.0).tolist()
@@ -230,14 +225,14 @@ def test_inpainting_model_concat_with_and_without_mask():
     assert mask.shape == latent.shape
     guider = Guider(model, cond(1.0), cond(-1.0), cfg=2.0).prepare(noise, latent, mask)
     x, sigma = _inputs()
-    guider(x, sigma, model_options={})
+    guider(x, sigma)
     c_concat = model.calls[0]["c_concat"]
     assert c_concat.shape == (2, 5, 8, 8)
     assert torch.equal(c_concat[0, :1], mask[0, :1].round())
     assert torch.equal(c_concat[1, 1:], latent[0])
 
     model.calls.clear()
-    Guider(model, cond(1.0), cond(-1.0), cfg=2.0).prepare(noise, latent, None)(x, sigma, model_options={})
+    Guider(model, cond(1.0), cond(-1.0), cfg=2.0).prepare(noise, latent, None)(x, sigma)
     c_concat = model.calls[0]["c_concat"]
     assert torch.equal(c_concat[:, 0], torch.ones(2, 8, 8))
     blank = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380]).view(1, 4, 1, 1).expand(2, 4, 8, 8)
@@ -270,7 +265,7 @@ def test_inpainting_concat_from_cond_keys():
     keys = {"concat_latent_image": image, "concat_mask": pixel_mask}
     guider = Guider(model, cond(1.0, **keys), cond(-1.0, **keys), cfg=2.0)
     guider.prepare(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), None)
-    guider(*_inputs(), model_options={})
+    guider(*_inputs())
     c_concat = model.calls[0]["c_concat"][0]
     expected_mask = torch.nn.functional.interpolate(pixel_mask, size=(8, 8), mode="bilinear").round()
     assert torch.equal(c_concat[:1], expected_mask[0])

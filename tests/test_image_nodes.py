@@ -89,11 +89,10 @@ def test_save_image_names_counter_chunks_and_truncation(ctx):
         open(os.path.join(ctx.output_dir, name), "wb").close()
     images = torch.tensor([0.0, 0.5, 0.999, 1.2, -0.1, 0.2]).reshape(1, 1, 2, 3).repeat(2, 3, 1, 1)
     images[1] = 1.0 - images[1]
-    assert save_image(ctx, images=images, filename_prefix="pic") == ()
-
-    names = [os.path.basename(p) for p in ctx.cache["saved_images"]]
-    assert names == ["pic_00008_.png", "pic_00009_.png"]
-    for path, img in zip(ctx.cache["saved_images"], images):
+    saved = save_image(ctx, images=images, filename_prefix="pic").images
+    assert [image.ui() for image in saved] == [{"filename": f"pic_0000{i}_.png", "subfolder": "", "type": "output"}
+                                               for i in (8, 9)]
+    for path, img in zip([image.path for image in saved], images):
         with Image.open(path) as png:
             assert png.text["prompt"] == json.dumps(ctx.prompt)
             assert png.text["workflow"] == json.dumps(ctx.extra_pnginfo["workflow"])
@@ -106,10 +105,11 @@ def test_save_image_names_counter_chunks_and_truncation(ctx):
 
 
 def test_save_image_subfolder_and_tokens(ctx):
-    save_image(ctx, images=torch.zeros(1, 4, 6, 3), filename_prefix="runs/%width%x%height%/img")
-    save_image(ctx, images=torch.zeros(1, 4, 6, 3), filename_prefix="runs/%width%x%height%/img")
-    assert ctx.cache["saved_images"] == [os.path.join(ctx.output_dir, "runs", "6x4", f"img_0000{i}_.png")
-                                         for i in (1, 2)]
+    saved = [image for _ in range(2) for image in
+             save_image(ctx, images=torch.zeros(1, 4, 6, 3), filename_prefix="runs/%width%x%height%/img").images]
+    assert [image.path for image in saved] == [os.path.join(ctx.output_dir, "runs", "6x4", f"img_0000{i}_.png")
+                                               for i in (1, 2)]
+    assert {image.subfolder for image in saved} == {os.path.join("runs", "6x4")}
     with pytest.raises(ValueError, match="outside the output folder"):
         save_image(ctx, images=torch.zeros(1, 4, 6, 3), filename_prefix="../escape")
 
@@ -130,13 +130,12 @@ def test_save_failure_leaves_no_file(ctx, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_image(ctx, images=torch.zeros(1, 2, 2, 3), filename_prefix="pic")
     assert os.listdir(ctx.output_dir) == []
-    assert "saved_images" not in ctx.cache
 
 
 def test_preview_goes_to_hidden_folder(ctx):
-    preview_image(ctx, images=torch.full((2, 3, 3, 3), 0.25))
-    paths = ctx.cache["preview_images"]
-    assert len(paths) == 2
+    previews = preview_image(ctx, images=torch.full((2, 3, 3, 3), 0.25)).images
+    assert [(image.type, image.subfolder) for image in previews] == [("temp", "")] * 2
+    paths = [image.path for image in previews]
     for i, path in enumerate(paths):
         assert os.path.dirname(path) == os.path.join(ctx.output_dir, ".preview")
         assert re.fullmatch(rf"ComfyUI_temp_[a-z]{{5}}_0000{i + 1}_\.png", os.path.basename(path))

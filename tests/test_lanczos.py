@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kiln.compiler.lower.lanczos import coefficients, pil_lanczos
+from kiln.kernels.lanczos import coefficients, pil_lanczos
 from kiln.nodes.resize import lanczos
 
 

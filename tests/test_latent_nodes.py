@@ -34,7 +34,8 @@ def test_node_declarations_match_comfyui():
     assert [i.name for i in ks.inputs] == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler",
                                            "positive", "negative", "latent_image", "denoise"]
     assert ks.input("seed").max == 0xffffffffffffffff and ks.input("cfg").round == 0.01
-    assert ks.seeded and not ks.foldable and ks.needs_context and ks.outputs == ("LATENT",)
+    assert ks.seed == "seed" and get("KSamplerAdvanced").seed == "noise_seed"
+    assert not ks.foldable and ks.needs_context and ks.outputs == ("LATENT",)
     adv = get("KSamplerAdvanced")
     assert [i.name for i in adv.inputs] == ["model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name",
                                             "scheduler", "positive", "negative", "latent_image", "start_at_step",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kiln.kernels.cfg import cfg_function, skips_uncond
+from kiln.kernels.cfg import Prediction, cfg_combine, skips_uncond
 from kiln.kernels.model_sampling import SD15_LATENT, SDXL_LATENT, ModelSamplingDiscrete
 from vectors import meta, tensors
 
@@ -58,30 +58,26 @@ def test_parameterisation_vectors(prediction):
 
 
 @pytest.mark.parametrize("scale", ["1.0", "3.5", "7.5"])
-def test_cfg_function_vectors(scale):
+def test_cfg_combine_vectors(scale):
+    """ComfyUI's cfg_function, as every step kernel (and its twin) forms it from a Prediction."""
     t = tensors("cfg_scaling")
-    out = cfg_function(t["cfg/cond_pred"], t["cfg/uncond_pred"], float(scale), t["in/x"], t["in/sigma"], {})
+    out = cfg_combine(t["cfg/cond_pred"], t["cfg/uncond_pred"], float(scale))
     assert (out - t[f"cfg/cfg_function_scale{scale}"]).abs().max() <= 1e-6
+    assert torch.equal(Prediction(t["cfg/cond_pred"], t["cfg/uncond_pred"], float(scale)).denoised, out)
 
 
-def test_cfg_post_hooks_run_in_order_with_comfyui_args():
-    cond, uncond, x = torch.full([1, 2], 3.0), torch.full([1, 2], 1.0), torch.zeros([1, 2])
-    seen = []
-
-    def hook(args):
-        seen.append(args["uncond_denoised"])
-        return args["denoised"] * 2
-
-    out = cfg_function(cond, uncond, 2.0, x, torch.ones(1), {"sampler_post_cfg_function": [hook, hook]})
-    assert torch.equal(out, torch.full([1, 2], 20.0)) and len(seen) == 2 and torch.equal(seen[0], uncond)
+def test_a_combined_prediction_is_used_as_is():
+    cond, uncond = torch.full([1, 2], 3.0), torch.full([1, 2], 1.0)
+    assert torch.equal(Prediction(cond, uncond, 2.0, combined=True).denoised, cond)
+    assert torch.equal(Prediction(cond, None, 2.0).denoised, cond)   # the cfg == 1 shortcut: cond alone
 
 
 def test_cfg1_shortcut_matches_comfyui_facts():
     facts = meta("cfg_scaling")["facts"]
-    assert skips_uncond(1.0, {}) == (not facts["cfg1_conds_evaluated(cond,uncond)"][1])
-    assert skips_uncond(1.0000000001, {}) == facts["cfg_isclose_1_shortcut_at_1.0000000001"][0]
-    assert not skips_uncond(1.0, {"disable_cfg1_optimization": True})
-    assert not skips_uncond(1.5, {})
+    assert skips_uncond(1.0) == (not facts["cfg1_conds_evaluated(cond,uncond)"][1])
+    assert skips_uncond(1.0000000001) == facts["cfg_isclose_1_shortcut_at_1.0000000001"][0]
+    assert not skips_uncond(1.0, need_uncond=True)   # CFG++: ComfyUI's disable_cfg1_optimization
+    assert not skips_uncond(1.5)
 
 
 @pytest.mark.parametrize("fmt", [SD15_LATENT, SDXL_LATENT])

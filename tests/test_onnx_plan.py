@@ -22,8 +22,7 @@ from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
 from kiln.runtime.ort import CPU, choose_providers
 from kiln.runtime.plan import PlanReader, load_plan
 from kiln.runtime.writer import PlanWriter
-from plan_parity import (LONG_PROMPT, assert_parity, cache_dir, check_runtime_prompt, compiled_files,
-                         plan_compiler)
+from plan_parity import LONG_PROMPT, assert_parity, check_runtime_prompt, compiled_files, plan_compiler
 from workflows import PLAN_VARIANTS, clip_skip, hires_fix, img2img, txt2img
 
 T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
@@ -31,13 +30,12 @@ T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory):
-    with cache_dir(tmp_path_factory.mktemp("kiln-onnx-cache")) as path:
-        yield path
+    return tmp_path_factory.mktemp("kiln-onnx-cache")
 
 
 @pytest.fixture(scope="module")
 def compile_onnx(onnx_cache, models_dir, input_dir, tmp_path_factory):
-    return plan_compiler(tmp_path_factory.mktemp("onnx-plans"), models_dir, input_dir, "onnx")
+    return plan_compiler(tmp_path_factory.mktemp("onnx-plans"), models_dir, input_dir, "onnx", onnx_cache)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.compiler.errors import KilnError
+from kiln.kernels.errors import KilnError
 from kiln.compiler.graph import Link
 from kiln.compiler.interpreter import run_graph
 from kiln.compiler.passes import runtime_inputs
 from kiln.compiler.pipeline import PASSES, run_passes
-from kiln.compiler.stages import (TO_UINT8, Compilation, CompileOptions, EnvValue, StageInput, chain_members,
+from kiln.nodes.image import IMAGE_TO_UINT8 as TO_UINT8
+from kiln.compiler.stages import (Compilation, CompileOptions, EnvValue, StageInput, chain_members,
                                   flatten, unflatten)
 from kiln.compiler.validate import validate
 from kiln.compiler.workflow import parse_workflow
@@ -216,8 +217,8 @@ def test_hires_fix_stages_and_environment_wiring(models_dir):
     assert s3.inputs == {"latent": "const.5.0.samples", "cond_context": "const.6.0.0.cond",
                          "uncond_context": "const.7.0.0.cond", "seed": "in.3.seed"}
     assert s3.outputs == {"samples": "3.0.samples"}
-    assert s3.params == {"advanced": False, "steps": 12, "cfg": 7.0, "sampler_name": "dpmpp_2m",
-                         "scheduler": "karras", "denoise": 1.0, "prediction": "eps", "scale_factor": 0.18215}
+    assert s3.params == {"steps": 12, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                         "denoise": 1.0, "prediction": "eps", "scale_factor": 0.18215, "latent_channels": 4}
     assert (chain.inputs, chain.outputs) == ({"3.0.samples": "3.0.samples"}, {"13.0.samples": "13.0.samples"})
     assert [m.class_type for m in chain.members] == ["VAEDecode", "ImageUpscaleWithModel", "ImageScaleBy",
                                                       "VAEEncode"]
@@ -269,15 +270,16 @@ def test_advanced_sampler_params_and_runtime_steps(models_dir):
         "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}}
     sample = passes_until(wf, "fuse_stages", models_dir, inputs=["3.steps"]).stages[0]
     assert sample.inputs["seed"] == "in.3.noise_seed" and sample.inputs["steps"] == "in.3.steps"
-    assert sample.params == {"advanced": True, "add_noise": "disable", "cfg": 1.0, "sampler_name": "euler",
+    assert sample.params == {"add_noise": "disable", "cfg": 1.0, "sampler_name": "euler",
                              "scheduler": "normal", "start_at_step": 2, "end_at_step": 8,
-                             "return_with_leftover_noise": "enable", "prediction": "eps", "scale_factor": 0.18215}
+                             "return_with_leftover_noise": "enable", "prediction": "eps", "scale_factor": 0.18215,
+                             "latent_channels": 4}
 
 
 def test_sdxl_samplers_get_pooled_text_and_size_options(models_dir):
     """The runtime builds ``y`` from the pooled text and the latent's size (sizes may be inputs);
     the y it builds equals the interpreter's encode_adm."""
-    from kiln.runtime.stages import sdxl_y
+    from kiln.runtime.kinds.sample import sdxl_y
 
     c = passes_until(txt2img("tiny-sdxl.safetensors", width=64, height=72), "fuse_stages", models_dir)
     sample = c.stages[0]
@@ -363,3 +365,48 @@ def test_built_chain_computes_what_the_interpreter_computes(models_dir):
     assert samples.shape == expected.shape == (1, 4, 12, 16)
     assert torch.allclose(samples, expected, atol=1e-5, rtol=0)
     assert pixels.dtype == torch.uint8 and torch.equal(pixels, expected_pixels)
+
+
+# --- a new plan-capable node needs nodes/ only ------------------------------------------------
+def test_a_node_declared_with_a_plan_spec_compiles_into_the_chain(models_dir, monkeypatch):
+    """Registering a node with a module PlanSpec is all it takes: partition, fusion and module
+    building read the spec (no compiler table names the node)."""
+    from kiln.nodes.plan import NodeModule
+    from kiln.nodes.registry import SOCKET, NodeDef, PlanSpec
+
+    class Invert(NodeModule):
+        def forward(self, image):
+            return 1.0 - image
+
+    invert = NodeDef("TestInvert", (SOCKET("image", "IMAGE"),), ("IMAGE",), function=lambda image: (1.0 - image,),
+                     plan=PlanSpec("module", computes=("value",), lower=lambda node, w: Invert(node)))
+    monkeypatch.setitem(registry._REGISTRY, invert.class_type, invert)
+    wf = txt2img()
+    wf["20"] = {"class_type": "TestInvert", "inputs": {"image": ["8", 0]}}
+    wf["9"]["inputs"]["images"] = ["20", 0]
+    c = passes_until(wf, "build_modules", models_dir)
+    (decode,) = [s for s in c.stages if s.kind == "module"]
+    assert [m.class_type for m in decode.members] == ["VAEDecode", "TestInvert", TO_UINT8.class_type]
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae = c.handles["4"][2]
+    with torch.inference_mode():
+        (pixels,) = decode.module(latent)
+        image = registry.get("VAEDecode").function(samples={"samples": latent}, vae=vae)[0]
+        expected = TO_UINT8.function(invert.function(image=image)[0])[0]
+    assert torch.equal(pixels, expected)
+
+
+def test_catalogue_declarations_that_do_not_fit_fail_at_import():
+    from kiln.nodes.registry import INT, SOCKET, NodeDef, PlanSpec, register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(registry.get("KSampler"))
+    with pytest.raises(ValueError, match="a module plan spec needs lower and computes"):
+        PlanSpec("module")
+    with pytest.raises(ValueError, match="plan spec kind 'mystery'"):
+        PlanSpec("mystery")
+    with pytest.raises(ValueError, match="seed widget 'seed' is not one of its inputs"):
+        NodeDef("T", (SOCKET("latent", "LATENT"),), ("LATENT",), function=lambda latent: (latent,), seed="seed")
+    with pytest.raises(ValueError, match=r"runtime widgets \['steps'\] are not widgets of the node"):
+        NodeDef("T", (INT("seed", 0),), ("LATENT",), function=lambda seed: (seed,),
+                plan=PlanSpec("sample", runtime_widgets={"steps": "steps"}))

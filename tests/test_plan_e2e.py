@@ -1,6 +1,6 @@
 """AOTInductor plans against the interpreter on the tiny fixtures (CPU, fp32).
 
-Plans are compiled once per session into a session cache (KILN_CACHE_DIR), so stages that
+Plans are compiled once per session into a session cache (Settings.cache_dir), so stages that
 only differ in size (txt2img's and HiRes fix's denoiser and final decode) compile once.
 """
 from __future__ import annotations
@@ -11,23 +11,22 @@ import sys
 import pytest
 import torch
 
-from kiln.compiler.errors import KilnError
+from kiln.kernels.errors import KilnError
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
-from plan_parity import assert_parity, cache_dir, check_runtime_prompt, compiled_files, plan_compiler
+from plan_parity import assert_parity, check_runtime_prompt, compiled_files, plan_compiler
 from workflows import PLAN_VARIANTS, hires_fix, img2img, txt2img, variant
 
 
 @pytest.fixture(scope="session")
 def kiln_cache(tmp_path_factory):
-    with cache_dir(tmp_path_factory.mktemp("kiln-cache")) as path:
-        yield path
+    return tmp_path_factory.mktemp("kiln-cache")
 
 
 @pytest.fixture(scope="session")
 def compile_plan(kiln_cache, models_dir, input_dir, tmp_path_factory):
-    return plan_compiler(tmp_path_factory.mktemp("plans"), models_dir, input_dir, "aoti")
+    return plan_compiler(tmp_path_factory.mktemp("plans"), models_dir, input_dir, "aoti", kiln_cache)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kiln.cli import main
+from kiln.kernels.ksampler import ksampler_schedule
 from kiln.kernels.model_sampling import SD15_LATENT, ModelSamplingDiscrete
-from kiln.kernels.schedules import advanced_sigmas, ksampler_sigmas
 from kiln.nodes.registry import RunContext
 from kiln.nodes.sampling import common_ksampler
 from kiln.runtime.artifacts import CompiledStage, constant_fqns
@@ -30,7 +30,7 @@ from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import bind_inputs, run_plan
 from kiln.runtime.manifest import StageSpec
 from kiln.runtime.plan import PlanReader, load_plan
-from kiln.runtime.stages import StageContext, run_stage
+from kiln.runtime.kinds import KINDS, StageContext
 from kiln.runtime.writer import MEMBER_ALIGNMENT, PlanWriter
 
 CONTEXT_DIM, TOKENS = 8, 3
@@ -161,7 +161,7 @@ COND, UNCOND = "const.6.0.0.cond", "const.7.0.0.cond"
 def _sampler_params(node_id: str) -> dict:
     i = WORKFLOW[node_id]["inputs"]
     return {k: i[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")} | {
-        "prediction": "eps", "scale_factor": 0.18215, "advanced": False, "seed": i["seed"]}
+        "prediction": "eps", "scale_factor": 0.18215, "latent_channels": 4, "seed": i["seed"]}
 
 
 def plan_manifest(device: str = "cpu") -> dict:
@@ -170,7 +170,7 @@ def plan_manifest(device: str = "cpu") -> dict:
         "workflow": WORKFLOW,
         "inputs": [
             {"name": "3.seed", "node_id": "3", "input_name": "seed", "type": "INT", "default": 3,
-             "min": 0, "max": 2 ** 64 - 1},
+             "min": 0, "max": 2 ** 64 - 1, "seed": True},
             {"name": "5.width", "node_id": "5", "input_name": "width", "type": "INT", "default": 64,
              "min": 16, "max": 128},
             {"name": "3.sampler_name", "node_id": "3", "input_name": "sampler_name", "type": "COMBO",
@@ -197,10 +197,10 @@ def plan_manifest(device: str = "cpu") -> dict:
     }
 
 
-def write_plan(path: Path, artifacts: dict[str, Path], manifest: dict | None = None) -> Path:
+def write_plan(path: Path, artifacts: dict[str, Path], manifest: dict | None = None, cache: Path | None = None) -> Path:
     denoiser, decode = tiny_modules()
     cond, uncond = conditioning()
-    writer = PlanWriter(path)
+    writer = PlanWriter(path, cache=cache or path.parent / "cache")
     unet_weights = dict(denoiser.state_dict())
     writer.add_artifact("sample_3", artifacts["denoiser"], unet_weights)
     writer.add_artifact("sample_10", artifacts["denoiser"], {k: v.clone() for k, v in unet_weights.items()})
@@ -220,20 +220,19 @@ def eager_reference(seed: int = 3, width: int = 64, sampler_name: str = "euler")
     with torch.inference_mode():
         for node_id, node_seed in (("3", seed), ("10", 11)):
             p = _sampler_params(node_id) | ({"sampler_name": sampler_name} if node_id == "3" else {})
-            sigmas = ksampler_sigmas(model.model_sampling, p["sampler_name"], p["scheduler"], p["steps"], p["denoise"])
-            (latent,) = common_ksampler(ctx, model, node_seed, p["cfg"], p["sampler_name"], sigmas,
-                                        positive, negative, latent)
+            (latent,) = common_ksampler(ctx, model, node_seed, p["cfg"], p, positive, negative, latent)
         return decode(latent["samples"]).numpy()
 
 
 # --- fixtures ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def artifacts(request, tmp_path_factory):
-    return tiny_artifacts(Path(request.config.cache.mkdir("kiln-tiny-aoti")))
+def artifacts(artifact_cache_dir):
+    return tiny_artifacts(artifact_cache_dir)
 
 
 @pytest.fixture(autouse=True)
 def artifact_cache(tmp_path, monkeypatch):
+    """The cache the CLI (KILN_CACHE_DIR) and the library calls (Settings) use in a test."""
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -345,7 +344,7 @@ REFUSALS = {
                  "(damaged or modified) (expected sha256 {sha}...; found sha256 "),
     "format_version": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m.update(format_version=99)),
                        "plan_version_mismatch: plan format version 99 is not supported by this kiln "
-                       "(expected format version 1; found format version 99) (recompile the plan with this kiln)"),
+                       "(expected format version 2; found format version 99) (recompile the plan with this kiln)"),
     "torch_version": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m.update(torch_version="2.0.0")),
                       "plan_version_mismatch: the plan was compiled with another torch version (expected torch "
                       f"2.0.0; found torch {torch.__version__}) (recompile the plan with this torch)"),
@@ -397,9 +396,9 @@ SAMPLE_CASES = {
     "euler_cfg_pp": dict(sampler_name="euler_cfg_pp", scheduler="normal", cfg=1.0),
     "dpm_2": dict(sampler_name="dpm_2", scheduler="karras"),
     "dpmpp_2m_sde": dict(sampler_name="dpmpp_2m_sde", scheduler="exponential", latent="image", denoise=0.8),
-    "advanced": dict(sampler_name="euler", scheduler="normal", advanced=True, add_noise="enable",
+    "advanced": dict(sampler_name="euler", scheduler="normal", add_noise="enable",
                      start_at_step=1, end_at_step=3, return_with_leftover_noise="enable", latent="image"),
-    "advanced_no_noise": dict(sampler_name="heun", scheduler="normal", advanced=True, add_noise="disable",
+    "advanced_no_noise": dict(sampler_name="heun", scheduler="normal", add_noise="disable",
                               start_at_step=2, end_at_step=10, return_with_leftover_noise="disable", latent="image"),
     "noise_mask": dict(sampler_name="euler", scheduler="normal", latent="image", mask=True, denoise=0.7),
 }
@@ -407,7 +406,9 @@ SAMPLE_CASES = {
 
 @pytest.mark.parametrize("case", list(SAMPLE_CASES))
 def test_sample_stage_matches_the_interpreter(case, artifacts):
-    opts = {"cfg": 5.0, "denoise": 1.0, "steps": 4, "seed": 42, "advanced": False} | SAMPLE_CASES[case]
+    opts = {"cfg": 5.0, "steps": 4, "seed": 42} | SAMPLE_CASES[case]
+    if "add_noise" not in opts:
+        opts.setdefault("denoise", 1.0)
     denoiser, _ = tiny_modules()
     model = EagerModel(denoiser.unet)
     cond, uncond = conditioning()
@@ -417,22 +418,16 @@ def test_sample_stage_matches_the_interpreter(case, artifacts):
     if opts.get("mask"):
         latent["noise_mask"] = (torch.rand(1, 1, 48, 40, generator=g) > 0.5).float()
 
-    ms = model.model_sampling
+    settings = {k: v for k, v in opts.items() if k not in ("latent", "mask", "seed", "cfg")}
     with torch.inference_mode():
-        if opts["advanced"]:
-            sigmas = advanced_sigmas(ksampler_sigmas(ms, opts["sampler_name"], opts["scheduler"], opts["steps"], 1.0),
-                                     opts["start_at_step"], opts["end_at_step"],
-                                     opts["return_with_leftover_noise"] == "enable")
-        else:
-            sigmas = ksampler_sigmas(ms, opts["sampler_name"], opts["scheduler"], opts["steps"], opts["denoise"])
-        (expected,) = common_ksampler(RunContext(), model, opts["seed"], opts["cfg"], opts["sampler_name"], sigmas,
-                                      [(cond, {})], [(uncond, {})], latent,
-                                      disable_noise=opts.get("add_noise") == "disable")
+        (expected,) = common_ksampler(RunContext(), model, opts["seed"], opts["cfg"], settings,
+                                      [(cond, {})], [(uncond, {})], latent)
+        sigmas, _ = ksampler_schedule(model.model_sampling, settings)
 
         weights = {fqn: denoiser.state_dict()[fqn] for fqn in constant_fqns(artifacts["denoiser"])}
         compiled = CompiledStage(artifacts["denoiser"], weights, torch.device("cpu"), "test")
         params = {k: v for k, v in opts.items() if k not in ("latent", "mask")} | {
-            "prediction": "eps", "scale_factor": 0.18215}
+            "prediction": "eps", "scale_factor": 0.18215, "latent_channels": 4}
         inputs = {"latent": "l", "cond_context": "c", "uncond_context": "u"}
         inputs |= {"noise_mask": "m"} if "mask" in opts else {}
         stage = StageSpec("s", "sample", ["3"], inputs, {"samples": "o"}, params, "stages/s.pt2")
@@ -441,7 +436,7 @@ def test_sample_stage_matches_the_interpreter(case, artifacts):
         steps = []
         ctx = StageContext(torch.device("cpu"), {"s": compiled}, "unused", None,
                            on_step=lambda name, step, total: steps.append((name, step, total)))
-        got = run_stage(stage, args, ctx)["samples"]
+        got = KINDS["sample"].run(stage, args, ctx)["samples"]
     # compared in sampler space (x scale_factor): raw latents are ~5x larger than what the sampler sees
     diff = ((got - expected["samples"]).abs().max() * 0.18215).item()
     print(f"{case}: max |plan - interpreter| = {diff:.3g} (sampler space; max |x| {got.abs().max() * 0.18215:.3g})")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from test_plan_format import tiny_artifacts, write_plan
 
@@ -20,9 +19,9 @@ print(json.dumps({"rc": rc, "heavy": heavy, "runtime": sorted(m for m in sys.mod
 """
 
 
-def test_running_a_plan_imports_nothing_heavy(request, tmp_path, monkeypatch):
+def test_running_a_plan_imports_nothing_heavy(artifact_cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
-    artifacts = tiny_artifacts(Path(request.config.cache.mkdir("kiln-tiny-aoti")))
+    artifacts = tiny_artifacts(artifact_cache_dir)
     plan = write_plan(tmp_path / "x.plan", artifacts)
     out = tmp_path / "out"
     child = subprocess.run([sys.executable, "-c", _CHILD, str(plan), str(out)], capture_output=True, text=True,

@@ -24,7 +24,7 @@ def _run(key, **options):
     sigmas = tensors("samplers")[f"sigmas/{key}"]
     x0 = tensors("samplers")["input/noise_seed42_1x4x8x8"] * sigmas[0]
     model, seen = ToyDenoiser(), []
-    out = get_sampler(key.split("/")[0])(model, x0, sigmas, {"model_options": {}, "seed": 42}, seen.append, True,
+    out = get_sampler(key.split("/")[0])(model, x0, sigmas, {"seed": 42}, seen.append, True,
                                          **options)
     return out, model, seen
 
@@ -98,7 +98,7 @@ def test_seed_changes_stochastic_samplers_only():
     sigmas = tensors("samplers")["sigmas/euler/karras10"]
     x0 = tensors("samplers")["input/noise_seed42_1x4x8x8"] * sigmas[0]
     for name, stochastic in (("euler_ancestral", True), ("dpmpp_2m_sde", True), ("dpmpp_2m", False)):
-        a = get_sampler(name)(ToyDenoiser(), x0, sigmas, {"model_options": {}, "seed": 42})
+        a = get_sampler(name)(ToyDenoiser(), x0, sigmas, {"seed": 42})
         b = get_sampler(name)(ToyDenoiser(), x0, sigmas, {"model_options": {}, "seed": 43})
         assert torch.equal(a, b) != stochastic
 

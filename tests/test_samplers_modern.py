@@ -18,11 +18,11 @@ TOLERANCE = 1e-4  # vectors README: fp32 samplers with reproduced noise
 
 DETERMINISTIC = ["euler_cfg_pp", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "gradient_estimation",
                  "gradient_estimation_cfg_pp", "uni_pc", "uni_pc_bh2"]
-# sampler -> module whose default_noise_sampler it uses
+# sampler -> module whose default_noise_sampler it uses (the step-kernel loops: their Stepper's)
 NOISY = {
-    "euler_ancestral_cfg_pp": "cfg_pp", "dpmpp_2s_ancestral_cfg_pp": "cfg_pp",
-    "res_multistep_ancestral": "res_multistep", "res_multistep_ancestral_cfg_pp": "res_multistep",
-    "er_sde": "er_sde", "seeds_2": "seeds", "seeds_3": "seeds",
+    "euler_ancestral_cfg_pp": "stepper", "dpmpp_2s_ancestral_cfg_pp": "stepper",
+    "res_multistep_ancestral": "stepper", "res_multistep_ancestral_cfg_pp": "stepper",
+    "er_sde": "stepper", "seeds_2": "seeds", "seeds_3": "seeds",
     "sa_solver": "sa_solver", "sa_solver_pece": "sa_solver",
 }
 # eta = 0: ComfyUI draws noise it multiplies by 0; kiln skips those draws.
@@ -53,7 +53,7 @@ def _run(name, monkeypatch=None, module=None):
         monkeypatch.setattr(mod, "default_noise_sampler", recording)
     model = ToyDenoiser()
     callbacks = []
-    final = get_sampler(name)(model, x, sigmas, {"model_options": {}, "seed": 42}, callbacks.append)
+    final = get_sampler(name)(model, x, sigmas, {"seed": 42}, callbacks.append)
     return final, model, callbacks, draws
 
 
@@ -79,7 +79,7 @@ def test_noise_draws_match_comfyui(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ZERO_WEIGHT_NOISE)
 def test_zero_weight_noise_is_not_drawn(name, monkeypatch):
-    final, _, _, draws = _run(name, monkeypatch, "res_multistep")
+    final, _, _, draws = _run(name, monkeypatch, "stepper")
     assert draws == []
     assert torch.equal(final, tensors("samplers")[f"final/{name}/karras10"])
 
@@ -98,7 +98,7 @@ def test_uni_pc_uses_discarded_penultimate_sigmas_and_leaves_them_alone(name):
     before = sigmas.clone()
     assert torch.allclose(sigmas, torch.tensor(meta("samplers")["runs"][f"{name}/karras10"]["sigmas"]))
     final = get_sampler(name)(ToyDenoiser(), vec["input/noise_seed42_1x4x8x8"] * sigmas[0], sigmas,
-                              {"model_options": {}, "seed": 42})
+                              {"seed": 42})
     assert torch.equal(sigmas, before)  # ComfyUI writes 0.001 into sigmas[-1]; kiln does not
     assert (final - vec[f"final/{name}/karras10"]).abs().max().item() <= TOLERANCE
 
@@ -109,20 +109,26 @@ def test_uni_pc_variants_differ():
     assert (bh1 - bh2).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["euler_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "res_multistep_cfg_pp",
-                                  "gradient_estimation_cfg_pp"])
-def test_cfg_pp_hook_does_not_touch_callers_options(name):
-    seen = []
+class _Recording(ToyDenoiser):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.asked = []
 
-    def existing_hook(args):
-        seen.append(args["model_options"].get("disable_cfg1_optimization"))
-        return args["denoised"]
+    def predict(self, x, sigma, *, need_uncond=False, **extra):
+        self.asked.append(need_uncond)
+        return super().predict(x, sigma, need_uncond=need_uncond, **extra)
 
-    model_options = {"sampler_post_cfg_function": [existing_hook]}
-    extra_args = {"model_options": model_options, "seed": 42}
+
+@pytest.mark.parametrize("name", ["euler_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+                                  "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"])
+def test_cfg_pp_samplers_ask_for_the_uncond_prediction_and_leave_extra_args_alone(name):
+    """ComfyUI's CFG++ samplers set disable_cfg1_optimization: the negative side runs even at cfg 1."""
+    extra_args = {"seed": 42}
     sigmas = tensors("samplers")[f"sigmas/{name}/karras10"]
-    get_sampler(name)(ToyDenoiser(), torch.zeros(1, 4, 8, 8), sigmas, extra_args)
-    assert model_options == {"sampler_post_cfg_function": [existing_hook]}
-    assert extra_args == {"model_options": model_options, "seed": 42}
-    assert seen and all(seen)  # the caller's hook still runs, inside options that disable the cfg-1 shortcut
-
+    model = _Recording(cfg=1.0)
+    get_sampler(name)(model, torch.zeros(1, 4, 8, 8), sigmas, extra_args)
+    assert model.asked and all(model.asked)
+    assert extra_args == {"seed": 42}
+    plain = _Recording(cfg=1.0)
+    get_sampler(name.replace("_cfg_pp", ""))(plain, torch.zeros(1, 4, 8, 8), sigmas, {"seed": 42})
+    assert plain.asked and not any(plain.asked)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from kiln.cli import main
-from kiln.compiler.errors import KilnError
+from kiln.kernels.errors import KilnError
 from kiln.compiler.validate import validate
 from kiln.compiler.workflow import parse_workflow
 from kiln.nodes.folders import ModelFolders

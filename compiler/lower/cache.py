@@ -5,19 +5,21 @@ input signature (names, symbolic shapes, strides, dtypes, devices of weights and
 the dynamic ranges, the Inductor settings, the target, the host CPU's vector ISA and the torch
 version. Weight *values* are not part of it: artifacts are built with the weights left out
 (``package_constants_in_so=False``) and filled in from the plan, so two checkpoints of one
-architecture share their artifacts. Lives under ``$KILN_CACHE_DIR`` or ``~/.cache/kiln``.
+architecture share their artifacts. Lives under the settings' cache folder
+(``kiln.kernels.settings.Settings.artifact_cache``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.export import ExportedProgram
 
 from kiln.compiler.lower.export import INDUCTOR_CONFIGS, aoti_compile
-from kiln.runtime.artifacts import cache_dir, write_atomically
+from kiln.runtime.artifacts import write_atomically
 from kiln.runtime.manifest import ARTIFACT_SUFFIXES
 
 # Bump when lowering changes what an identical graph compiles to.
@@ -37,11 +39,11 @@ def artifact_key(ep: ExportedProgram, target: dict) -> str:
     return digest.hexdigest()
 
 
-def compiled_artifact(ep: ExportedProgram, target: dict,
+def compiled_artifact(ep: ExportedProgram, target: dict, cache: Path,
                       build: Callable[[ExportedProgram], bytes] = aoti_compile) -> tuple[bytes, bool]:
-    """(artifact bytes, whether they came from the cache); ``build`` makes them on a miss: the
+    """(artifact bytes, whether they came from ``cache``); ``build`` makes them on a miss: the
     ``.pt2`` of AOTInductor, or ``onnx_compile``'s ``.onnx`` (the target's backend is in the key)."""
-    path = cache_dir() / "compiled" / f"{artifact_key(ep, target)}{ARTIFACT_SUFFIXES[target['backend']]}"
+    path = cache / "compiled" / f"{artifact_key(ep, target)}{ARTIFACT_SUFFIXES[target['backend']]}"
     if path.is_file():
         return path.read_bytes(), True
     data = build(ep)

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.stages import unflatten
+from kiln.kernels.errors import KilnError, Problem
 from kiln.nodes.guider import calc_cond_batch, prepare_conds
 
 # diffusers' UNet passes the skip connection's size to its upsamplers only when the input is
@@ -32,22 +32,26 @@ _NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "co
                     "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 
 
+def exportable(model):
+    """The MODEL handle with a UNet whose upsamplers always take explicit sizes (see
+    ``_ALWAYS_EXPLICIT_UPSAMPLE``); shares every parameter, only that attribute differs."""
+    unet = copy.copy(model.unet)
+    unet.num_upsamplers = _ALWAYS_EXPLICIT_UPSAMPLE
+    view = copy.copy(model)
+    view._modules = {**model._modules, "unet": unet}
+    return view
+
+
 class Denoiser(nn.Module):
     """``forward(x, sigma, cond_context, uncond_context, cfg[, cond_y, uncond_y][, c_concat])`` ->
     ``(denoised, uncond_denoised)``: ``y`` for SDXL, ``c_concat`` (mask and masked latent image,
     kiln.kernels.inpaint) for inpainting UNets, in that order (``inputs`` names them). With
     ``cfg == 1`` at build time only the positive side runs and ``uncond_denoised`` is zeros
-    (ComfyUI's cfg1 shortcut)."""
+    (ComfyUI's cfg1 shortcut). The UNet call is the MODEL's own ``apply_model``."""
 
     def __init__(self, model, cfg: float | None):
         super().__init__()
-        unet = copy.copy(model.unet)          # shares every parameter; only the attribute differs
-        unet.num_upsamplers = _ALWAYS_EXPLICIT_UPSAMPLE
-        self.unet = unet
-        ms = model.model_sampling
-        self.register_buffer("log_sigmas", ms.log_sigmas.clone())
-        self.prediction = ms.prediction
-        self.sigma_data = float(ms.sigma_data)
+        self.model = exportable(model)
         self.skip_uncond = cfg is not None and math.isclose(cfg, 1.0)
         self.with_y = model.arch == "sdxl"
         self.with_concat = model.in_channels != model.latent_format.channels
@@ -62,18 +66,19 @@ class Denoiser(nn.Module):
         contexts = [args[f"{side}_context"].expand(batch, -1, -1) for side in sides]
         ys = [args[f"{side}_y"].expand(batch, -1) for side in sides] if self.with_y else [None] * len(sides)
         lengths = [c.shape[1] for c in contexts]
+        apply_model = self.model.apply_model
         if len(sides) == 2 and all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
             # Prompts of different chunk counts (lengths known at compile time): ComfyUI repeats
             # both to their LCM when that is at most 4x the shorter, else runs them separately.
             lcm = math.lcm(*lengths)
             if lcm // min(lengths) > 4:
-                out = torch.cat([self._apply_model(x, sigma, c, y, c_concat) for c, y in zip(contexts, ys)])
+                out = torch.cat([apply_model(x, sigma, c, y, c_concat) for c, y in zip(contexts, ys)])
                 return self._combine(out, batch, cfg)
             contexts = [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
         n = len(sides)
-        out = self._apply_model(torch.cat([x] * n), torch.cat([sigma] * n), torch.cat(contexts),
-                                torch.cat(ys) if self.with_y else None,
-                                None if c_concat is None else torch.cat([c_concat] * n))
+        out = apply_model(torch.cat([x] * n), torch.cat([sigma] * n), torch.cat(contexts),
+                          torch.cat(ys) if self.with_y else None,
+                          None if c_concat is None else torch.cat([c_concat] * n))
         return self._combine(out, batch, cfg)
 
     def _combine(self, out: torch.Tensor, batch: int, cfg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,38 +86,6 @@ class Denoiser(nn.Module):
             return out, torch.zeros_like(out)
         uncond, cond = out[:batch], out[batch:]
         return uncond + (cond - uncond) * cfg, uncond
-
-    def _apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                     y: torch.Tensor | None, c_concat: torch.Tensor | None) -> torch.Tensor:
-        """``DiffusionModel.apply_model`` (sigma as [N,1,1,1]; for N == 1 ComfyUI broadcasts a
-        scalar view, the same numbers)."""
-        s = sigma.reshape(-1, 1, 1, 1)
-        sd2 = self.sigma_data ** 2
-        dtype = self.unet.dtype
-        xc = x / (s ** 2 + sd2) ** 0.5
-        if c_concat is not None:
-            xc = torch.cat([xc, c_concat.to(xc.dtype)], dim=1)
-        xc = xc.to(dtype)
-        t = (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0).float()
-        eps = self.unet(xc, t, encoder_hidden_states=context.to(dtype),
-                        class_labels=None if y is None else y.to(dtype), return_dict=False)[0].float()
-        if self.prediction == "eps":
-            return x - eps * s
-        return x * sd2 / (s ** 2 + sd2) - eps * s * self.sigma_data / (s ** 2 + sd2) ** 0.5
-
-
-class _ExportableModel:
-    """The MODEL handle as the guider's batching sees it, with ``apply_model`` replaced by the
-    denoiser's export-friendly UNet call."""
-
-    def __init__(self, handle, denoiser: Denoiser):
-        self._handle, self._denoiser = handle, denoiser
-
-    def __getattr__(self, name: str):
-        return getattr(self._handle, name)
-
-    def apply_model(self, x, sigma, context, y=None, c_concat=None):
-        return self._denoiser._apply_model(x, sigma, context, y, c_concat)
 
 
 class GuidedDenoiser(Denoiser):
@@ -125,7 +98,6 @@ class GuidedDenoiser(Denoiser):
 
     def __init__(self, model, cfg: float | None, options: dict[str, list[dict]], tensor_names: list[str]):
         super().__init__(model, cfg)
-        self.model = _ExportableModel(model, self)   # a plain attribute: the UNet is registered once, as unet
         self.options = options
         self.inputs = ("x", "sigma", "cfg", *tensor_names)
 

@@ -17,19 +17,20 @@ from typing import Callable
 
 import torch
 from torch._dynamo.exc import UserError
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.lower.cache import compiled_artifact
-from kiln.compiler.lower.chains import NeedsStaticShapes
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
                                         export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
-from kiln.compiler.stages import RuntimeInput, Stage, StagedProgram
-from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN, clip_merge_file
-from kiln.runtime.prompts import VOCABULARY_MEMBER, pack_tokens
-from kiln.runtime.stages import sdxl_y
+from kiln.compiler.stages import Stage, StagedProgram
+from kiln.kernels.errors import KilnError, Problem
+from kiln.kernels.prompt_syntax import MAX_LENGTH
+from kiln.nodes.models.tokenizer import clip_merge_file
+from kiln.nodes.plan import NeedsStaticShapes
+from kiln.runtime.kinds import KINDS
+from kiln.runtime.kinds.sample import sdxl_y
+from kiln.runtime.manifest import RuntimeInput
+from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
 
 Progress = Callable[[str, int, int], None]
@@ -42,23 +43,23 @@ PIXEL_RANGE = (1, 8192)
 # takes both prompts repeated to the common multiple of their lengths, so it takes more.
 CHUNK_RANGE = (1, 32)
 CONTEXT_CHUNK_RANGE = (1, 128)
-TOKENS_PER_CHUNK = 77
-COMPILED_KINDS = ("sample", "module")
+TOKENS_PER_CHUNK = MAX_LENGTH
 
 
-def lower(program: StagedProgram, output: Path, progress: Progress | None = None) -> Path:
+def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress | None = None) -> Path:
     """Export and compile every sample/module stage for the target's backend (AOTInductor, or
-    ONNX with the opset recorded in the target), then write the plan to ``output``."""
+    ONNX with the opset recorded in the target), then write the plan to ``output``; compiled
+    artifacts are cached under ``cache``."""
     walks = _Walks(program)
     onnx = program.target["backend"] == "onnx"
     target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
-    writer = PlanWriter(output, backend=target["backend"])
-    compiled = [s for s in program.stages if s.kind in COMPILED_KINDS]
+    writer = PlanWriter(output, backend=target["backend"], cache=cache)
+    compiled = [s for s in program.stages if KINDS[s.kind].compiled]
     for index, stage in enumerate(compiled):
         if progress is not None:
             progress(stage.name, index, len(compiled))
         ep = _export(stage, walks)
-        data, _ = compiled_artifact(ep, target, onnx_compile if onnx else aoti_compile)
+        data, _ = compiled_artifact(ep, target, cache, onnx_compile if onnx else aoti_compile)
         writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
                             constant_names=initializer_names(data) if onnx else None)
         del ep
@@ -109,7 +110,7 @@ class _Walks:
         batches = {s.inputs["batch_size"] for s in empties if "batch_size" in s.inputs}
         sizes = {env for s in empties for env in s.inputs.values()}
         self.size_inputs = [i for i in program.inputs if i.env in sizes]
-        self.text_inputs = {s.outputs["tokens"] for s in program.stages if s.kind == "tokenize"}
+        self.layouts = program.layouts
         fixed = {i.env: max(i.default, min(2, i.max)) if i.env in batches else i.default for i in self.size_inputs}
         self.example = self._walk(fixed, raise_batch=True)
         self.fixed = self._walk(fixed, raise_batch=False)
@@ -126,26 +127,11 @@ class _Walks:
         env = {name: t.to(self.device) for name, t in self.program.constants.items()}
         env.update({i.env: _input_tensor(i, sizes.get(i.env, i.default)) for i in self.program.inputs
                     if i.type in ("INT", "FLOAT", "BOOLEAN")})
-        # Two chunks, so the chunk count can stay dynamic.
-        empty_chunk = [(BOS_TOKEN, 1.0)] + [(EOS_TOKEN, 1.0)] * (TOKENS_PER_CHUNK - 1)
         for stage in self.program.stages:
-            if stage.kind == "tokenize":
-                chunks = pack_tokens([empty_chunk] * 2)
-                env[stage.outputs["tokens"]] = torch.stack([chunks] * len(stage.params["pad_tokens"]))
-            elif stage.kind == "empty_latent":
-                value = {k: int(env[v]) if v in env else None for k, v in stage.inputs.items()}
-                setting = lambda k: value[k] if value.get(k) is not None else stage.params[k]  # noqa: E731
-                batch = max(2, setting("batch_size")) if raise_batch else setting("batch_size")
-                shape = [batch, stage.params["channels"], setting("height") // 8, setting("width") // 8]
-                env[stage.outputs["samples"]] = torch.zeros(shape, device=self.device)
-            elif stage.kind == "sample":
-                latent = env[stage.inputs["latent"]]
-                shape = [max(2, latent.shape[0]) if raise_batch else latent.shape[0], *latent.shape[1:]]
-                env[stage.outputs["samples"]] = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            elif stage.kind == "module":
-                outs = _fake_run(stage.module, [env[name] for name in stage.inputs.values()])
-                env.update({name: torch.zeros(o.shape, dtype=o.dtype, device=self.device)
-                            for name, o in zip(stage.outputs.values(), outs)})
+            inputs = {local: env[name] for local, name in stage.inputs.items() if name in env}
+            outputs = KINDS[stage.kind].example_outputs(stage, inputs, module=stage.module,
+                                                        min_batch=2 if raise_batch else 1, device=self.device)
+            env.update({stage.outputs[local]: value for local, value in outputs.items() if local in stage.outputs})
         return env
 
 
@@ -157,28 +143,22 @@ def _input_tensor(i: RuntimeInput, value) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
-def _fake_run(module: torch.nn.Module, args: list[torch.Tensor]) -> tuple:
-    """Output shapes/dtypes without computing anything (also runs each op's size checks)."""
-    # A shape environment lets data-dependent ops (bislerp's masked writes) trace with unbacked sizes.
-    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode, torch.no_grad():
-        return tuple(module(*[mode.from_tensor(a, static_shapes=True) for a in args]))
-
-
 # --- per-stage arguments and export --------------------------------------------------------
 def _free_dims(name: str, tensor: torch.Tensor, walks: _Walks) -> dict[int, tuple[int, int]]:
     """Batch and spatial dims of a LATENT (NCHW) or IMAGE/MASK (N,H,W[,C]) value, chunks of a prompt."""
-    if name in walks.text_inputs:
+    layout = walks.layouts.get(name)
+    if layout == "tokens":
         return {1: CHUNK_RANGE}
-    if name.endswith(".samples") and tensor.ndim == 4:
+    if layout == "latent" and tensor.ndim == 4:
         return {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
-    if name.endswith(".value") and tensor.ndim in (3, 4) and tensor.is_floating_point():
+    if layout == "image" and tensor.ndim in (3, 4) and tensor.is_floating_point():
         return {0: BATCH_RANGE, 1: PIXEL_RANGE, 2: PIXEL_RANGE}
     return {}
 
 
 def _required(name: str, walks: _Walks) -> dict[int, tuple[int, int]]:
     """Dims that must stay dynamic: those the size inputs drive, a runtime prompt's chunk count."""
-    return {1: CHUNK_RANGE} if name in walks.text_inputs else walks.driven(name)
+    return {1: CHUNK_RANGE} if walks.layouts.get(name) == "tokens" else walks.driven(name)
 
 
 def _arg(example: torch.Tensor, free: dict[int, tuple[int, int]], required: dict[int, tuple[int, int]],

@@ -8,6 +8,7 @@ from kiln.compiler.interpreter import run_graph
 from kiln.compiler.stages import MODEL_TYPES, Compilation, EnvValue, flatten
 from kiln.nodes import registry
 from kiln.nodes.registry import NodeDef, RunContext
+from kiln.runtime import env
 
 
 def fold_constants(c: Compilation) -> Compilation:
@@ -43,14 +44,14 @@ def fold_constants(c: Compilation) -> Compilation:
     outputs = {}
     if targets:
         ctx = RunContext(models=c.options.models, input_dir=c.options.input_dir, device=c.options.device,
-                         dtype=c.options.dtype, prompt=graph.source)
+                         dtype=c.options.dtype, prompt=graph.source, settings=c.options.settings)
         outputs = run_graph(graph, ctx, targets=targets).outputs
 
     values, constants = {}, {}
     for link in boundary:
         socket_type = defs[link.node_id].outputs[link.slot]
         fields, meta = flatten(socket_type, outputs[link.node_id][link.slot])
-        names = {name: f"const.{link.node_id}.{link.slot}.{name}" for name in fields}
+        names = {name: env.constant_env(link.node_id, link.slot, name) for name in fields}
         constants.update({names[name]: t.detach().to("cpu", copy=True).contiguous() for name, t in fields.items()})
         values[link] = EnvValue(socket_type, names, meta)
     folded_info = tuple({"node_id": node_id, "class_type": graph.nodes[node_id].class_type,

@@ -29,7 +29,7 @@ def merge_identical(c: Compilation) -> Compilation:
         node = replace(node, inputs=inputs)
         node_def = registry.get(node.class_type)
         canonical[node_id] = node_id
-        if node_def.seeded or node_def.output_node or node_id in pinned:
+        if node_def.seed is not None or node_def.output_node or node_id in pinned:
             nodes[node_id] = node
             continue
         key = (node.class_type,) + tuple(sorted(

@@ -1,61 +1,38 @@
-"""Stage partition: every run-time node becomes a stage of the kind the runtime executes."""
+"""Stage partition: every run-time node becomes a stage of the kind its plan spec names."""
 from __future__ import annotations
 
 from dataclasses import replace
 
 import torch
 
-from kiln.compiler.errors import KilnError, Problem
 from kiln.compiler.graph import Link, Node
-from kiln.compiler.stages import MODEL_TYPES, TO_UINT8, Compilation, EnvValue, RuntimeInput, Stage, node_def
+from kiln.compiler.stages import MODEL_TYPES, Compilation, EnvValue, Stage, node_def
+from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.prompt_syntax import EMBEDDING_PREFIX
 from kiln.kernels.sdxl import SIZE_OPTIONS
 from kiln.nodes import registry
+from kiln.nodes.image import IMAGE_TO_UINT8
+from kiln.runtime import env
+from kiln.runtime.manifest import RuntimeInput
 
-# Widgets a run-time node may take as runtime inputs -> their stage-local names.
-RUNTIME_WIDGETS = {
-    "KSampler": {"seed": "seed", "steps": "steps", "cfg": "cfg", "denoise": "denoise"},
-    "KSamplerAdvanced": {"noise_seed": "seed", "steps": "steps", "cfg": "cfg", "start_at_step": "start_at_step",
-                         "end_at_step": "end_at_step"},
-    "EmptyLatentImage": {"width": "width", "height": "height", "batch_size": "batch_size"},
-    "CLIPTextEncode": {"text": "text"},
-}
-# Nodes that run as module stages: output type and the tensor fields the module computes
-# (a LATENT output carries the other fields of the node's LATENT input over, as ComfyUI's dict copy).
-MODULE_OUTPUTS = {
-    "VAEDecode": ("IMAGE", ("value",)),
-    "VAEEncode": ("LATENT", ("samples",)),
-    "ImageUpscaleWithModel": ("IMAGE", ("value",)),
-    "ImageScale": ("IMAGE", ("value",)),
-    "ImageScaleBy": ("IMAGE", ("value",)),
-    "LatentUpscale": ("LATENT", ("samples",)),
-    "LatentUpscaleBy": ("LATENT", ("samples",)),
-    "CLIPTextEncode": ("CONDITIONING", ("0.cond", "0.pooled_output")),
-}
-SAMPLERS = ("KSampler", "KSamplerAdvanced")
-RUNTIME_NODES = (*SAMPLERS, "EmptyLatentImage", "SaveImage", "PreviewImage", *MODULE_OUTPUTS)
-# EmptyLatentImage always makes 4 channels; the sampler widens an empty latent for other models.
-EMPTY_LATENT_CHANNELS = 4
 # SDXL conditioning options that only feed its size embedding (the runtime builds ``y``).
 SDXL_SIZE_OPTIONS = frozenset(SIZE_OPTIONS)
 
 
 def partition_stages(c: Compilation) -> Compilation:
-    """One stage per run-time node, in execution order.
+    """One stage per run-time node, in execution order, of the kind its ``PlanSpec`` names.
 
-    KSampler/KSamplerAdvanced -> ``sample``; EmptyLatentImage with a runtime size ->
-    ``empty_latent``; SaveImage / PreviewImage -> a ``module`` converting to 8-bit pixels plus a
-    ``save_image`` (``preview`` for the latter);
-    VAEDecode, VAEEncode, ImageUpscaleWithModel, ImageScale(By), LatentUpscale(By) and
-    CLIPTextEncode with a runtime text -> one ``module`` each, the text first through a
-    ``tokenize`` stage.
+    ``sample`` (KSampler, KSamplerAdvanced); ``empty_latent`` (EmptyLatentImage with a runtime
+    size); ``save_image`` (SaveImage, PreviewImage) after a ``module`` converting to 8-bit pixels;
+    ``module`` for every other plan-capable node (VAE decode/encode, model upscale, resizes, and
+    CLIPTextEncode with a runtime text, the text first through a ``tokenize`` stage).
 
     Guarantees: every stage input names a runtime input, a constant or an output of an earlier
     stage; constant widgets are ``params`` (spelled as in the workflow), runtime ones ``inputs``;
     ``values`` says where each socket value lives at run time; constants and module outputs are
     only those some stage reads (an SD1 prompt's pooled output is neither stored nor computed).
-    Anything else that must run at run time (other node types, runtime inputs the stage cannot
-    take, conditioning beyond one full-area entry per side, UNets with other extra channels than
+    Anything else that must run at run time (nodes without a plan spec, runtime inputs the spec
+    does not list, conditioning the denoiser cannot take, UNets with other extra channels than
     inpainting's) is refused naming the node, its class_type, the input and what is supported.
     """
     _check_supported(c)
@@ -63,40 +40,48 @@ def partition_stages(c: Compilation) -> Compilation:
     for node_id in c.runtime_nodes:
         builder.add(c.graph.nodes[node_id])
     constants = {**c.constants, **builder.constants}
-    read = {env for stage in builder.stages for env in stage.inputs.values()}
-    stages = [replace(s, outputs={k: env for k, env in s.outputs.items() if env in read}) if s.kind == "module"
+    read = {name for stage in builder.stages for name in stage.inputs.values()}
+    stages = [replace(s, outputs={k: name for k, name in s.outputs.items() if name in read}) if s.kind == "module"
               else s for s in builder.stages]
     kept = {name: value for name, value in constants.items() if name in read}
-    folded = tuple({**f, "outputs": [env for env in f["outputs"] if env in kept]} for f in c.folded)
+    folded = tuple({**f, "outputs": [name for name in f["outputs"] if name in kept]} for f in c.folded)
     return replace(c, stages=tuple(stages), values=builder.values, constants=kept, folded=folded)
+
+
+def _plan_nodes() -> dict[str, registry.PlanSpec]:
+    """The plan-capable nodes, samplers first (the order messages list them in)."""
+    specs = {class_type: d.plan for class_type, d in registry.all_nodes().items() if d.plan is not None}
+    return dict(sorted(specs.items(), key=lambda item: (registry.PLAN_KINDS.index(item[1].kind), item[0])))
 
 
 def _check_supported(c: Compilation) -> None:
     problems = []
+    specs = _plan_nodes()
     runtime_inputs = {(i.node_id, i.input_name): i for i in c.inputs}
     for node_id in c.runtime_nodes:
         node = c.graph.nodes[node_id]
-        allowed = RUNTIME_WIDGETS.get(node.class_type, {})
+        spec = specs.get(node.class_type)
+        allowed = spec.runtime_widgets if spec is not None else {}
         for (input_node, input_name), runtime_input in runtime_inputs.items():
             if input_node == node_id and input_name not in allowed:
                 problems.append(Problem(
                     "unsupported_runtime_input", "a compiled plan cannot take this input at run time",
                     node_id=node_id, class_type=node.class_type, title=node.title, input_name=input_name,
-                    expected=_runtime_widget_list(), found=f"--input {runtime_input.name}"))
-        if node.class_type not in RUNTIME_NODES and not any(p.node_id == node_id for p in problems):
+                    expected=_runtime_widget_list(specs), found=f"--input {runtime_input.name}"))
+        if spec is None and not any(p.node_id == node_id for p in problems):
             problems.append(Problem(
                 "unsupported_node", f"{node.class_type} would run at run time ({_why_runtime(c, node)}), "
                 "which compiled plans do not support", node_id=node_id, class_type=node.class_type,
-                title=node.title, expected="at run time: " + ", ".join(RUNTIME_NODES)
+                title=node.title, expected="at run time: " + ", ".join(specs)
                 + "; any other node must have only constant inputs (it is then folded)",
                 found=node.class_type))
     if problems:
         raise KilnError(problems)
 
 
-def _runtime_widget_list() -> str:
-    return "one of " + ", ".join(f"{class_type}.{name}" for class_type, names in RUNTIME_WIDGETS.items()
-                                 for name in names)
+def _runtime_widget_list(specs: dict[str, registry.PlanSpec]) -> str:
+    return "one of " + ", ".join(f"{class_type}.{name}" for class_type, spec in specs.items()
+                                 for name in spec.runtime_widgets)
 
 
 def _why_runtime(c: Compilation, node: Node) -> str:
@@ -117,24 +102,19 @@ class _Partition:
         self.constants: dict[str, torch.Tensor] = {}
 
     def add(self, node: Node) -> None:
-        if node.class_type in SAMPLERS:
-            self._sample(node)
-        elif node.class_type == "EmptyLatentImage":
-            self._empty_latent(node)
-        elif node.class_type in ("SaveImage", "PreviewImage"):
-            self._save(node)
-        else:
-            self._module(node)
+        definition = registry.get(node.class_type)
+        {"sample": self._sample, "empty_latent": self._empty_latent, "save_image": self._save,
+         "module": self._module}[definition.plan.kind](node, definition)
 
     def _refuse(self, node: Node, input_name: str | None, message: str, expected: str, found: str):
         raise KilnError([Problem("unsupported_input", message, node_id=node.id, class_type=node.class_type,
                                  title=node.title, input_name=input_name, expected=expected, found=found)])
 
-    def _widgets(self, node: Node) -> tuple[dict, dict[str, str]]:
+    def _widgets(self, node: Node, definition: registry.NodeDef) -> tuple[dict, dict[str, str]]:
         """(constant widget values by local name, runtime widget env names by local name)."""
-        names = RUNTIME_WIDGETS.get(node.class_type, {})
+        names = definition.plan.runtime_widgets
         constants, runtime = {}, {}
-        for spec in registry.get(node.class_type).inputs:
+        for spec in definition.inputs:
             if not spec.is_widget:
                 continue
             local = names.get(spec.name, spec.name)
@@ -145,7 +125,7 @@ class _Partition:
                 constants[local] = node.inputs.get(spec.name, spec.default)
         return constants, runtime
 
-    def _sample(self, node: Node) -> None:
+    def _sample(self, node: Node, definition: registry.NodeDef) -> None:
         model = self._handle(node.inputs["model"])
         channels = model.latent_format.channels
         if model.in_channels not in (channels, 2 * channels + 1):
@@ -169,9 +149,9 @@ class _Partition:
                                  "conditioning without one")
                 inputs[f"{local}_pooled"] = cond.fields["0.pooled_output"]
                 sdxl[f"{local}_options"] = dict(cond.meta[0])
-        widgets, runtime = self._widgets(node)
-        params = {"advanced": node.class_type == "KSamplerAdvanced", **widgets,
-                  "prediction": model.model_sampling.prediction, "scale_factor": model.latent_format.scale_factor}
+        widgets, runtime = self._widgets(node, definition)
+        params = {**widgets, **definition.plan.params, "prediction": model.model_sampling.prediction,
+                  "scale_factor": model.latent_format.scale_factor, "latent_channels": channels}
         if sdxl:
             params["sdxl"] = {"embed_dim": model.info.adm_embed_dim, **sdxl}
         if model.in_channels != channels:
@@ -180,7 +160,7 @@ class _Partition:
             params["guided"] = True
         if (latent.meta or {}).get("batch_index") is not None:
             params["batch_index"] = list(latent.meta["batch_index"])
-        out = f"{node.id}.0.samples"
+        out = env.value_env(node.id, 0, "samples")
         self.stages.append(Stage(f"sample_{node.id}", "sample", [node.id], {**inputs, **runtime},
                                  {"samples": out}, params))
         self.values[Link(node.id, 0)] = EnvValue("LATENT", {**latent.fields, "samples": out}, latent.meta)
@@ -201,7 +181,7 @@ class _Partition:
         inputs = {}
         for side in ("positive", "negative"):
             cond = self.values[node.inputs[side]]
-            runtime = sorted(env for env in cond.fields.values() if env not in self.c.constants)
+            runtime = sorted(name for name in cond.fields.values() if name not in self.c.constants)
             timed = sorted({k for entry in cond.meta for k in ("start_percent", "end_percent") if k in entry})
             if runtime or timed or model.in_channels != model.latent_format.channels:
                 found = (f"runtime values {', '.join(runtime)}" if runtime else
@@ -209,58 +189,58 @@ class _Partition:
                 self._refuse(node, side, "several conditioning entries, areas or masks compile only with constant "
                              "prompts, no timestep ranges and a UNet without inpainting channels",
                              "constant conditioning without start/end percent", found)
-            inputs.update({f"{side}.{field}": env for field, env in cond.fields.items()})
+            inputs.update({f"{side}.{field}": name for field, name in cond.fields.items()})
         return inputs
 
-    def _empty_latent(self, node: Node) -> None:
-        widgets, runtime = self._widgets(node)
-        out = f"{node.id}.0.samples"
+    def _empty_latent(self, node: Node, definition: registry.NodeDef) -> None:
+        widgets, runtime = self._widgets(node, definition)
+        out = env.value_env(node.id, 0, "samples")
         self.stages.append(Stage(f"empty_latent_{node.id}", "empty_latent", [node.id], runtime, {"samples": out},
-                                 {"channels": EMPTY_LATENT_CHANNELS, **widgets}))
+                                 {**definition.plan.params, **widgets}))
         self.values[Link(node.id, 0)] = EnvValue("LATENT", {"samples": out}, {})
 
-    def _save(self, node: Node) -> None:
-        widgets, _ = self._widgets(node)
-        source = node.inputs["images"]
-        pixels = f"{node.id}.0.value"
-        convert = Node(node.id, TO_UINT8.class_type, {"images": source}, node.title)
+    def _save(self, node: Node, definition: registry.NodeDef) -> None:
+        """The 8-bit conversion as a module stage (it fuses into the final decode), then the save."""
+        widgets, _ = self._widgets(node, definition)
+        pixels = env.value_env(node.id, 0, "value")
+        convert = Node(node.id, IMAGE_TO_UINT8.class_type, {"images": node.inputs["images"]}, node.title)
         self.stages.append(Stage(f"module_{node.id}", "module", [node.id], self._tensor_inputs(convert),
                                  {pixels: pixels}, {}, members=[convert]))
-        params = ({"preview": True} if node.class_type == "PreviewImage"
-                  else {"filename_prefix": widgets["filename_prefix"]})
         self.stages.append(Stage(f"save_{node.id}", "save_image", [node.id], {"images": pixels}, {},
-                                 {**params, "node_id": node.id}))
+                                 {**widgets, **definition.plan.params, "node_id": node.id}))
 
-    def _module(self, node: Node) -> None:
-        out_type, computed = MODULE_OUTPUTS[node.class_type]
-        _, runtime = self._widgets(node)
-        if "text" in runtime:
-            runtime["text"] = self._tokenize(node, runtime["text"])
-        fields = {name: f"{node.id}.0.{name}" for name in computed}
+    def _module(self, node: Node, definition: registry.NodeDef) -> None:
+        out_type, computed = definition.outputs[0], definition.plan.computes
+        _, runtime = self._widgets(node, definition)
+        for local, name in runtime.items():
+            if definition.input(local) is not None and definition.input(local).type == "STRING":
+                runtime[local] = self._tokenize(node, definition, local, name)
+        fields = {field: env.value_env(node.id, 0, field) for field in computed}
         meta = {"CONDITIONING": [{}], "LATENT": {}}.get(out_type)
-        for spec in registry.get(node.class_type).inputs:
+        for spec in definition.inputs:
             source = node.inputs.get(spec.name)
             if out_type == "LATENT" and spec.type == "LATENT" and isinstance(source, Link):
                 carried = self.values[source]
                 fields, meta = {**carried.fields, **fields}, carried.meta
-        inputs = {**self._tensor_inputs(node), **{f"{node.id}.{name}": env for name, env in runtime.items()}}
-        self.stages.append(Stage(f"module_{node.id}", "module", [node.id], inputs,
-                                 {env: env for env in (f"{node.id}.0.{name}" for name in computed)}, {},
-                                 members=[node]))
+        inputs = {**self._tensor_inputs(node), **{f"{node.id}.{local}": name for local, name in runtime.items()}}
+        outputs = [env.value_env(node.id, 0, field) for field in computed]
+        self.stages.append(Stage(f"module_{node.id}", "module", [node.id], inputs, {name: name for name in outputs},
+                                 {}, members=[node]))
         self.values[Link(node.id, 0)] = EnvValue(out_type, fields, meta)
 
-    def _tokenize(self, node: Node, text_env: str) -> str:
-        """A ``tokenize`` stage for CLIPTextEncode's runtime prompt (tokens for each of the CLIP's
-        encoders, which differ only in padding); returns the tokens' env name."""
-        clip = self._handle(node.inputs["clip"])
-        default = self.inputs[(node.id, "text")].default
+    def _tokenize(self, node: Node, definition: registry.NodeDef, input_name: str, text: str) -> str:
+        """A ``tokenize`` stage for a runtime prompt (tokens for each encoder of the CLIP the node
+        reads, which differ only in padding); returns the tokens' env name."""
+        clip_input = next(spec.name for spec in definition.inputs if spec.type == "CLIP")
+        clip = self._handle(node.inputs[clip_input])
+        default = self.inputs[(node.id, input_name)].default
         if EMBEDDING_PREFIX in default:
-            self._refuse(node, "text", "a runtime prompt cannot use textual-inversion embeddings (the plan "
+            self._refuse(node, input_name, "a runtime prompt cannot use textual-inversion embeddings (the plan "
                          "tokenizes it without the embeddings folders)", "a prompt without 'embedding:'",
                          repr(default))
-        tokens = f"{node.id}.text.tokens"
+        tokens = env.tokens_env(node.id)
         pad_tokens = [encoder.spec.pad_token for encoder in clip.encoders.values()]
-        self.stages.append(Stage(f"tokenize_{node.id}", "tokenize", [node.id], {"text": text_env},
+        self.stages.append(Stage(f"tokenize_{node.id}", "tokenize", [node.id], {"text": text},
                                  {"tokens": tokens}, {"pad_tokens": pad_tokens}))
         return tokens
 
@@ -270,9 +250,9 @@ class _Partition:
         for spec in node_def(node.class_type).inputs:
             source = node.inputs.get(spec.name)
             if isinstance(source, Link) and spec.type not in MODEL_TYPES:
-                for name, env in self.values[source].fields.items():
-                    if spec.type != "LATENT" or name == "samples":
-                        inputs[f"{source.node_id}.{source.slot}.{name}"] = env
+                for field, name in self.values[source].fields.items():
+                    if spec.type != "LATENT" or field == "samples":
+                        inputs[env.value_env(source.node_id, source.slot, field)] = name
         return inputs
 
     def _handle(self, link: Link):

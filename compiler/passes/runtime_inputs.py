@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kiln.compiler.errors import KilnError, Problem, did_you_mean
+from kiln.kernels.errors import KilnError, Problem, did_you_mean
 from kiln.compiler.graph import Link
-from kiln.compiler.stages import Compilation, RuntimeInput
+from kiln.compiler.stages import Compilation
 from kiln.nodes import registry
 from kiln.nodes.registry import InputSpec
+from kiln.runtime.manifest import RuntimeInput
 
 _EXAMPLE = "e.g. --input 6.text or --input 5.width=512..1024"
 
 
 def runtime_inputs(c: Compilation) -> Compilation:
-    """Resolve the ``--input NODE.INPUT[=lo..hi]`` declarations, plus every seeded node's seed.
+    """Resolve the ``--input NODE.INPUT[=lo..hi]`` declarations, plus every seeded node's seed widget.
 
     Guarantees: each RuntimeInput names a widget of a node in the graph whose workflow value is a
     constant (its default); INT/FLOAT inputs carry a range inside the node's own min/max that
@@ -35,10 +36,8 @@ def runtime_inputs(c: Compilation) -> Compilation:
         declared[(node_id, input_name)] = bounds
     for node_id, node in c.graph.nodes.items():
         node_def = registry.get(node.class_type)
-        if node_def.seeded:
-            for spec in node_def.inputs:
-                if spec.type == "INT" and "seed" in spec.name:
-                    declared.setdefault((node_id, spec.name), None)
+        if node_def.seed is not None:
+            declared.setdefault((node_id, node_def.seed), None)
 
     found: list[RuntimeInput] = []
     for (node_id, input_name), bounds in declared.items():
@@ -138,7 +137,7 @@ def _resolve(c: Compilation, node_id: str, input_name: str, bounds: tuple[float,
     return RuntimeInput(name=f"{node_id}.{input_name}", node_id=node_id, input_name=input_name, type=spec.type,
                         default=value, min=low if spec.type in ("INT", "FLOAT") else None,
                         max=high if spec.type in ("INT", "FLOAT") else None,
-                        choices=_choices(spec))
+                        choices=_choices(spec), seed=input_name == node_def.seed)
 
 
 def _choices(spec: InputSpec) -> list | None:

@@ -1,8 +1,10 @@
-"""Fused sampler-step kernels (Triton) with plain-torch twins, and sampler loops that use them.
+"""Fused sampler-step kernels (Triton) with plain-torch twins.
 
-* ``dispatch.step(family, coef, scale, ...)``: one step, Triton on CUDA, the twin elsewhere;
-  ``dispatch.set_mode`` / env ``KILN_FUSED`` switch the kernels off for A/B checks.
-* ``samplers.get_fused_sampler(name)``: the fused loop of a ComfyUI sampler, driving a
-  ``loop.SplitDenoiser`` (cond and uncond predictions; the CFG combine happens in the kernel).
-* ``ops``: the ``kiln::fused_*`` torch.library ops (import before loading a plan that uses them).
+* ``dispatch.step(family, coef, scale, mode=...)``: one step; the Triton kernel on CUDA, the twin
+  elsewhere, or both side by side (``check``).
+* ``families``: each kernel's inputs, outputs and switches; the twins' calls (no Triton needed).
+* ``ops``: the Triton launcher and the ``kiln::fused_*`` torch.library ops (import before
+  loading a plan that uses them).
+
+The sampler loops driving them live in ``kiln.kernels.samplers``.
 """

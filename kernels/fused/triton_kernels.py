@@ -1,15 +1,17 @@
 """Triton kernels: one elementwise launch per sampler step, CFG combine included.
 
 Every kernel reads the model's ``cond``/``uncond`` predictions (``HAS_UNCOND = 0``: ``cond`` is
-already the combined prediction), forms ``den = uncond + (cond - uncond) * scale`` in registers,
+already the combined prediction; the CFG++ families, which read ``uncond`` themselves, say so with
+``COMBINED = 1``), forms ``den = uncond + (cond - uncond) * scale`` in registers,
 and writes the new state plus whatever history the sampler keeps. Scalars come from ``coef``,
-a small fp32 tensor on the device (layout in each docstring, computed on the host by the fused
-loops in this package), so a step needs no host values and can sit inside a CUDA graph. All math is fp32 whatever the storage
-dtype; the float operations follow the eager step functions' order (``twins.py`` mirrors them), with
-correctly rounded division. In interpret mode the kernels are bitwise equal to the twins; compiled
-for a GPU, Triton may contract a*b+c into an FMA, a last-bit difference from eager torch.
+a small fp32 tensor on the device (layout in each docstring, computed on the host by the sampler
+loops in ``kiln.kernels.samplers``), so a step needs no host values and can sit inside a CUDA
+graph. All math is fp32 whatever the storage dtype; the float operations follow the twins'
+order (``twins.py``, ComfyUI's samplers' arithmetic), with correctly rounded division. In
+interpret mode the kernels are bitwise equal to the twins; compiled for a GPU, Triton may
+contract a*b+c into an FMA, a last-bit difference from eager torch.
 
-Names of pointer arguments match the family specs in ``ops.py``; the launcher passes inputs,
+Names of pointer arguments match the family specs in ``families.py``; the launcher passes inputs,
 then outputs, then ``coef, scale, n`` and the ``tl.constexpr`` switches by keyword.
 """
 from __future__ import annotations
@@ -46,6 +48,16 @@ def _cfg(cond_ptr, uncond_ptr, offs, mask, scale, HAS_UNCOND: tl.constexpr):
     if HAS_UNCOND:
         uncond = _ld(uncond_ptr, offs, mask)
         den = uncond + (den - uncond) * scale
+    return den
+
+
+@triton.jit
+def _guided(cond_ptr, uncond_ptr, offs, mask, scale, HAS_UNCOND: tl.constexpr, COMBINED: tl.constexpr):
+    """For the families that also read ``uncond`` (CFG++): ``cond`` may already be the guided prediction."""
+    if COMBINED:
+        den = _ld(cond_ptr, offs, mask)
+    else:
+        den = _cfg(cond_ptr, uncond_ptr, offs, mask, scale, HAS_UNCOND)
     return den
 
 
@@ -196,13 +208,13 @@ def sde_multistep_kernel(x_ptr, cond_ptr, uncond_ptr, h1_ptr, h2_ptr, noise_ptr,
 @triton.jit
 def res_kernel(x_ptr, cond_ptr, uncond_ptr, old_ptr, noise_ptr, out_ptr, den_ptr, coef_ptr, scale, n,
                HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, STORE_DEN: tl.constexpr,
-               CFG_PP: tl.constexpr, BLOCK: tl.constexpr):
+               CFG_PP: tl.constexpr, COMBINED: tl.constexpr, BLOCK: tl.constexpr):
     """RES multistep: out = e x + h (b1 p + b2 old) (+ noise). coef: [e, h, b1, b2, n0, n1, n2].
 
     p = den; with CFG_PP, p = uncond and x is first shifted by (den - uncond).
     """
     offs, mask = _offsets(n, BLOCK)
-    den = _cfg(cond_ptr, uncond_ptr, offs, mask, scale, HAS_UNCOND)
+    den = _guided(cond_ptr, uncond_ptr, offs, mask, scale, HAS_UNCOND, COMBINED)
     x = _ld(x_ptr, offs, mask)
     p = den
     if CFG_PP:
@@ -216,13 +228,14 @@ def res_kernel(x_ptr, cond_ptr, uncond_ptr, old_ptr, noise_ptr, out_ptr, den_ptr
 
 @triton.jit
 def cfgpp_euler_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, den_ptr, coef_ptr, scale, n,
-                       HAS_NOISE: tl.constexpr, STORE_DEN: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_NOISE: tl.constexpr, STORE_DEN: tl.constexpr, COMBINED: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """CFG++ Euler: d = (x - alpha_s uncond) / sigma, out = alpha_t den + sigma_down d (+ noise).
 
     coef: [alpha_s, sigma, alpha_t, sigma_down, n0, n1, n2].
     """
     offs, mask = _offsets(n, BLOCK)
-    den = _cfg(cond_ptr, uncond_ptr, offs, mask, scale, True)
+    den = _guided(cond_ptr, uncond_ptr, offs, mask, scale, True, COMBINED)
     d = _div(_ld(x_ptr, offs, mask) - _c(coef_ptr, 0) * _ld(uncond_ptr, offs, mask), _c(coef_ptr, 1))
     out = _c(coef_ptr, 2) * den + _c(coef_ptr, 3) * d
     _st(out_ptr, offs, mask, _noise(out, noise_ptr, offs, mask, coef_ptr, 4, HAS_NOISE))
@@ -233,13 +246,13 @@ def cfgpp_euler_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, den_ptr,
 @triton.jit
 def cfgpp_2s_kernel(x_ptr, cond_ptr, uncond_ptr, den1_ptr, noise_ptr, out_ptr, den_ptr, coef_ptr, scale, n,
                     HAS_DEN1: tl.constexpr, HAS_NOISE: tl.constexpr, STORE_DEN: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    COMBINED: tl.constexpr, BLOCK: tl.constexpr):
     """DPM++(2S) CFG++ stage: out = a (x + (g - uncond)) - b den (+ noise). coef: [a, b, n0, n1, n2].
 
     g is this call's den on the first stage, the first stage's den (``den1``) on the second.
     """
     offs, mask = _offsets(n, BLOCK)
-    den = _cfg(cond_ptr, uncond_ptr, offs, mask, scale, True)
+    den = _guided(cond_ptr, uncond_ptr, offs, mask, scale, True, COMBINED)
     g = den
     if HAS_DEN1:
         g = _ld(den1_ptr, offs, mask)
@@ -251,10 +264,10 @@ def cfgpp_2s_kernel(x_ptr, cond_ptr, uncond_ptr, den1_ptr, noise_ptr, out_ptr, d
 
 @triton.jit
 def cfgpp_2m_kernel(x_ptr, cond_ptr, uncond_ptr, old_ptr, out_ptr, den_ptr, coef_ptr, scale, n,
-                    HAS_OLD: tl.constexpr, STORE_DEN: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_OLD: tl.constexpr, STORE_DEN: tl.constexpr, COMBINED: tl.constexpr, BLOCK: tl.constexpr):
     """DPM++(2M) CFG++: out = (den + (neg_e uncond [- c (den - old)])) + e x. coef: [e, neg_e, c]."""
     offs, mask = _offsets(n, BLOCK)
-    den = _cfg(cond_ptr, uncond_ptr, offs, mask, scale, True)
+    den = _guided(cond_ptr, uncond_ptr, offs, mask, scale, True, COMBINED)
     mix = _c(coef_ptr, 1) * _ld(uncond_ptr, offs, mask)
     if HAS_OLD:
         mix = mix - _c(coef_ptr, 2) * (den - _ld(old_ptr, offs, mask))

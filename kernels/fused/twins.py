@@ -1,26 +1,21 @@
 """Plain-torch twins of the Triton step kernels: same arguments, same float operations, same order.
 
 They are the reference the kernels are tested against, the CPU implementation of the
-``kiln::fused_*`` ops, and what runs when fused kernels are off (they are also what inductor
+``kiln::fused_*`` ops, and what runs everywhere but on CUDA (they are also what inductor
 fuses on CPU). Every twin computes in fp32 and returns outputs in ``x``'s dtype, as a tuple in
-the family's output order with None for outputs that were not asked for (see ``ops.FAMILIES``).
+the family's output order with None for outputs that were not asked for (see ``families.FAMILIES``).
 Coefficient layouts are documented on the kernels in ``triton_kernels.py``.
 """
 from __future__ import annotations
 
 import torch
 
-
-def _f(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float()
+from kiln.kernels.cfg import cfg_combine as _cfg
 
 
-def _cfg(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    cond = cond.float()
-    if uncond is None:
-        return cond
-    uncond = uncond.float()
-    return uncond + (cond - uncond) * scale
+def _guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, combined: int) -> torch.Tensor:
+    """The families that also read ``uncond`` (CFG++): ``cond`` may already be the guided prediction."""
+    return cond.float() if combined else _cfg(cond, uncond, scale)
 
 
 def _noise(out: torch.Tensor, noise: torch.Tensor | None, c: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,8 +85,8 @@ def sde_multistep(coef, scale, x, cond, uncond=None, h1=None, h2=None, noise=Non
     return _cast(x, _noise(out, noise, coef, 7), den if store_den else None)
 
 
-def res(coef, scale, x, cond, uncond=None, old=None, noise=None, store_den=False, cfg_pp=0):
-    den = _cfg(cond, uncond, scale)
+def res(coef, scale, x, cond, uncond=None, old=None, noise=None, store_den=False, cfg_pp=0, combined=0):
+    den = _guided(cond, uncond, scale, combined)
     xf = x.float()
     p = den
     if cfg_pp:
@@ -101,22 +96,22 @@ def res(coef, scale, x, cond, uncond=None, old=None, noise=None, store_den=False
     return _cast(x, _noise(out, noise, coef, 4), den if store_den else None)
 
 
-def cfgpp_euler(coef, scale, x, cond, uncond=None, noise=None, store_den=False):
-    den = _cfg(cond, uncond, scale)
+def cfgpp_euler(coef, scale, x, cond, uncond=None, noise=None, store_den=False, combined=0):
+    den = _guided(cond, uncond, scale, combined)
     d = (x.float() - coef[0] * uncond.float()) / coef[1]
     out = coef[2] * den + coef[3] * d
     return _cast(x, _noise(out, noise, coef, 4), den if store_den else None)
 
 
-def cfgpp_2s(coef, scale, x, cond, uncond=None, den1=None, noise=None, store_den=False):
-    den = _cfg(cond, uncond, scale)
+def cfgpp_2s(coef, scale, x, cond, uncond=None, den1=None, noise=None, store_den=False, combined=0):
+    den = _guided(cond, uncond, scale, combined)
     g = den if den1 is None else den1.float()
     out = coef[0] * (x.float() + (g - uncond.float())) - coef[1] * den
     return _cast(x, _noise(out, noise, coef, 2), den if store_den else None)
 
 
-def cfgpp_2m(coef, scale, x, cond, uncond=None, old=None, store_den=False):
-    den = _cfg(cond, uncond, scale)
+def cfgpp_2m(coef, scale, x, cond, uncond=None, old=None, store_den=False, combined=0):
+    den = _guided(cond, uncond, scale, combined)
     mix = coef[1] * uncond.float()
     if old is not None:
         mix = mix - coef[2] * (den - old.float())

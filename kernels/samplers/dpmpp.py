@@ -1,22 +1,22 @@
-"""DPM-Solver++ samplers as ComfyUI v0.3.64 runs them (``comfy/k_diffusion/sampling.py``).
+"""DPM-Solver++ samplers as ComfyUI v0.3.64 runs them (``comfy/k_diffusion/sampling.py``):
+dpmpp_2s_ancestral, dpmpp_2m, and the SDE family dpmpp_sde, dpmpp_2m_sde (midpoint or heun
+solver), dpmpp_3m_sde. The ``_gpu`` names (aliases in ``kiln.kernels.samplers``) only build the
+Brownian tree on the latent's device instead of the CPU, identical on CPU.
 
-dpmpp_2s_ancestral, dpmpp_2m, and the SDE family (dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun,
-dpmpp_3m_sde and their ``_gpu`` names). ComfyUI writes the SDE samplers in half-log-SNR form
-(lambda = -log sigma for eps/v models) and draws their noise from a Brownian tree over
-[smallest non-zero sigma, largest sigma] seeded with ``extra_args["seed"]``; the ``_gpu``
-names only build that tree on the latent's device instead of the CPU (identical on CPU).
+ComfyUI writes the SDE samplers in half-log-SNR form (lambda = -log sigma for eps/v models) and
+draws their noise from a Brownian tree over [smallest non-zero sigma, largest sigma] seeded with
+``extra_args["seed"]``. Each step is one ``expint`` / ``sde_multistep`` kernel with ComfyUI's
+scalars.
 """
 from __future__ import annotations
 
 import torch
 
-from ..noise import BrownianTreeNoiseSampler, default_noise_sampler
-from .common import get_ancestral_step, to_d
+from ..noise import BrownianTreeNoiseSampler
+from .common import get_ancestral_step
+from .stepper import Stepper
 
-
-def _callback(callback, x, i, sigma, denoised):
-    if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+_NO_NOISE = (0.0, 0.0, 0.0)
 
 
 def _t(sigma):
@@ -27,276 +27,184 @@ def _sigma(t):
     return t.neg().exp()
 
 
-def _brownian_noise(x, sigmas, extra_args, cpu):
-    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
-    return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=extra_args.get("seed"), cpu=cpu)
-
-
-def _sde_setup(model, sigmas, s_noise):
-    """The model sampling, sigmas with ComfyUI's SNR-safe first entry, and the scaled s_noise."""
+def _sde_stepper(model, x, sigmas, extra_args, callback, noise_sampler, s_noise, cpu_tree):
+    """The loop's Stepper drawing from the Brownian tree over the schedule (unless a noise
+    sampler is given), on ComfyUI's SNR-safe sigmas; the model sampling and the scaled s_noise."""
     model_sampling = model.model_sampling
-    sigmas = model_sampling.offset_first_sigma_for_snr(sigmas)
-    return model_sampling, sigmas, s_noise * getattr(model_sampling, "noise_scale", 1.0)
+    if noise_sampler is None:
+        noise_sampler = BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                 seed=(extra_args or {}).get("seed"), cpu=cpu_tree)
+    run = Stepper(model, x, model_sampling.offset_first_sigma_for_snr(sigmas), extra_args, callback,
+                  noise_sampler=noise_sampler)
+    return run, model_sampling, s_noise * getattr(model_sampling, "noise_scale", 1.0)
 
-
-# --- step functions ----------------------------------------------------------------------------
-
-def dpmpp_2s_ancestral_stage(x, denoised, sigma, sigma_down):
-    """The midpoint (sigma_s, x_2) between sigma and sigma_down in t = -log sigma."""
-    t, t_next = _t(sigma), _t(sigma_down)
-    h = t_next - t
-    s = t + 1 / 2 * h
-    return _sigma(s), (_sigma(s) / _sigma(t)) * x - (-h * (1 / 2)).expm1() * denoised
-
-
-def dpmpp_2s_ancestral_step(x, denoised_2, sigma, sigma_down):
-    """DPM-Solver++(2S) update to sigma_down with the midpoint prediction."""
-    t, t_next = _t(sigma), _t(sigma_down)
-    h = t_next - t
-    return (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
-
-
-def dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigma, sigma_next):
-    """DPM-Solver++(2M); first order when there is no history or at the final step to 0."""
-    t, t_next = _t(sigma), _t(sigma_next)
-    h = t_next - t
-    if old_denoised is None or sigma_next == 0:
-        return (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised
-    h_last = t - _t(sigma_prev)
-    r = h_last / h
-    denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-    return (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_d
-
-
-def dpmpp_sde_substep(x, denoised, sigma, lambda_s, lambda_to, sigma_to, eta, noise, s_noise):
-    """One exponential-integrator SDE move from lambda_s to lambda_to with ancestral noise.
-
-    Used for both stages of dpmpp_sde (to the midpoint, then to sigma_next); ``noise`` is
-    None when nothing is added (eta or s_noise is 0).
-    """
-    alpha_s = sigma * lambda_s.exp()
-    alpha_to = sigma_to * lambda_to.exp()
-    sd, su = get_ancestral_step(lambda_s.neg().exp(), lambda_to.neg().exp(), eta)
-    h_ = sd.log().neg() - lambda_s
-    out = (alpha_to / alpha_s) * (-h_).exp() * x - alpha_to * (-h_).expm1() * denoised
-    if noise is not None:
-        out = out + alpha_to * noise * s_noise * su
-    return out
-
-
-def dpmpp_2m_sde_step(x, denoised, old_denoised, sigma, sigma_next, lambda_s, lambda_t, h_last,
-                      noise, eta=1.0, s_noise=1.0, solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE update; returns (x, h) so the caller can keep h for the next step."""
-    h = lambda_t - lambda_s
-    h_eta = h * (eta + 1)
-    alpha_t = sigma_next * lambda_t.exp()
-    x = sigma_next / sigma * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
-    if old_denoised is not None:
-        r = h_last / h
-        if solver_type == "heun":
-            x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
-        else:
-            x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
-    if noise is not None:
-        x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-    return x, h
-
-
-def dpmpp_3m_sde_step(x, denoised, denoised_1, denoised_2, sigma, sigma_next, lambda_s, lambda_t,
-                      h_1, h_2, noise, eta=1.0, s_noise=1.0):
-    """DPM-Solver++(3M) SDE update (2M / 1st order while history is short); returns (x, h)."""
-    h = lambda_t - lambda_s
-    h_eta = h * (eta + 1)
-    alpha_t = sigma_next * lambda_t.exp()
-    x = sigma_next / sigma * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
-    if h_2 is not None:
-        r0 = h_1 / h
-        r1 = h_2 / h
-        d1_0 = (denoised - denoised_1) / r0
-        d1_1 = (denoised_1 - denoised_2) / r1
-        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        phi_2 = h_eta.neg().expm1() / h_eta + 1
-        phi_3 = phi_2 / h_eta - 0.5
-        x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
-    elif h_1 is not None:
-        r = h_1 / h
-        d = (denoised - denoised_1) / r
-        phi_2 = h_eta.neg().expm1() / h_eta + 1
-        x = x + (alpha_t * phi_2) * d
-    if noise is not None:
-        x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-    return x, h
-
-
-# --- samplers ----------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                               eta=1.0, s_noise=1.0, noise_sampler=None):
     """DPM-Solver++(2S) to sigma_down plus ancestral noise (Euler when sigma_down is 0)."""
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        _callback(callback, x, i, sigmas[i], denoised)
+    run = Stepper(model, x, sigmas, extra_args, callback, noise_sampler=noise_sampler)
+    for i, s, sn, sigma_down, sigma_up in run.ancestral_steps(eta):
+        prediction = run.predict(x, s)
         if sigma_down == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            noise = run.noise(i) if sn > 0 else None
+            out, den = run("euler", (s, sigma_down - s, s_noise, sigma_up, 1.0), prediction, x=x, noise=noise,
+                           store=run.den_store)
         else:
-            sigma_s, x_2 = dpmpp_2s_ancestral_stage(x, denoised, sigmas[i], sigma_down)
-            denoised_2 = model(x_2, sigma_s * s_in, **extra_args)
-            x = dpmpp_2s_ancestral_step(x, denoised_2, sigmas[i], sigma_down)
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            t, t_next = _t(s), _t(sigma_down)
+            h = t_next - t
+            sigma_s = _sigma(t + 1 / 2 * h)
+            x_2, den = run("expint", (sigma_s / _sigma(t), (-h * (1 / 2)).expm1(), 0.0, 0.0, *_NO_NOISE),
+                           prediction, x=x, store=run.den_store)
+            prediction = run.predict(x_2, sigma_s)
+            noise = run.noise(i) if sn > 0 else None
+            out = run("expint", (_sigma(t_next) / _sigma(t), (-h).expm1(), 0.0, 0.0, s_noise, sigma_up, 1.0),
+                      prediction, x=x, noise=noise)[0]
+        x = run.done(i, x, out, den)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver++(2M): second-order multistep, one model call per step."""
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    """DPM-Solver++(2M): second-order multistep, one model call per step; first order when there
+    is no history and on the final step to 0."""
+    run = Stepper(model, x, sigmas, extra_args, callback)
     old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
-        sigma_prev = sigmas[i - 1] if i > 0 else None
-        x = dpmpp_2m_step(x, denoised, old_denoised, sigma_prev, sigmas[i], sigmas[i + 1])
-        old_denoised = denoised
+    for i, s, sn in run.steps():
+        prediction = run.predict(x, s)
+        t, t_next = _t(s), _t(sn)
+        h = t_next - t
+        w_old = w_new = 0.0
+        old = None
+        if old_denoised is not None and sn != 0:
+            r = (t - _t(run.sig[i - 1])) / h
+            w_old, w_new, old = -(1 / (2 * r)), 1 + 1 / (2 * r), old_denoised
+        out, den = run("expint", (_sigma(t_next) / _sigma(t), (-h).expm1(), w_old, w_new, *_NO_NOISE),
+                       prediction, x=x, old=old, store=("den",))
+        x, old_denoised = run.done(i, x, out, den), den
     return x
+
+
+def _sde_substep_row(s, lambda_s, lambda_to, sigma_to, eta, s_noise, w_old=0.0, w_new=0.0):
+    """expint row of one dpmpp_sde move: an exponential-integrator SDE step from lambda_s to
+    lambda_to with ancestral noise."""
+    alpha_s = s * lambda_s.exp()
+    alpha_to = sigma_to * lambda_to.exp()
+    sd, su = get_ancestral_step(lambda_s.neg().exp(), lambda_to.neg().exp(), eta)
+    h_ = sd.log().neg() - lambda_s
+    return ((alpha_to / alpha_s) * (-h_).exp(), alpha_to * (-h_).expm1(), w_old, w_new, alpha_to, s_noise, su)
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                     eta=1.0, s_noise=1.0, noise_sampler=None, r=1 / 2):
+                     eta=1.0, s_noise=1.0, noise_sampler=None, r=1 / 2, cpu_tree=True):
     """DPM-Solver++ (stochastic, 2 stages per step); the step to sigma 0 returns the prediction."""
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree=True)
-
-
-@torch.no_grad()
-def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                         eta=1.0, s_noise=1.0, noise_sampler=None, r=1 / 2):
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree=False)
-
-
-def _dpmpp_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, r, cpu_tree):
     if len(sigmas) <= 1:
         return x
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_tree)
-    s_in = x.new_ones([x.shape[0]])
-    model_sampling, sigmas, s_noise = _sde_setup(model, sigmas, s_noise)
+    run, model_sampling, s_noise = _sde_stepper(model, x, sigmas, extra_args, callback, noise_sampler, s_noise,
+                                                cpu_tree)
+    lam, sigma_fn = model_sampling.sigma_to_half_log_snr, model_sampling.half_log_snr_to_sigma
     add_noise = eta > 0 and s_noise > 0
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
-            x = denoised
-            continue
-        lambda_s = model_sampling.sigma_to_half_log_snr(sigmas[i])
-        lambda_t = model_sampling.sigma_to_half_log_snr(sigmas[i + 1])
-        lambda_s_1 = lambda_s + r * (lambda_t - lambda_s)
-        sigma_s_1 = model_sampling.half_log_snr_to_sigma(lambda_s_1)
-        noise = noise_sampler(sigmas[i], sigma_s_1) if add_noise else None
-        x_2 = dpmpp_sde_substep(x, denoised, sigmas[i], lambda_s, lambda_s_1, sigma_s_1, eta, noise, s_noise)
-        denoised_2 = model(x_2, sigma_s_1 * s_in, **extra_args)
-        fac = 1 / (2 * r)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if add_noise else None
-        x = dpmpp_sde_substep(x, denoised_d, sigmas[i], lambda_s, lambda_t, sigmas[i + 1], eta, noise, s_noise)
+    fac = 1 / (2 * r)
+    for i, s, sn in run.steps():
+        prediction = run.predict(x, s)
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, prediction, x=x, store=run.den_store)
+        else:
+            lambda_s, lambda_t = lam(s), lam(sn)
+            lambda_s_1 = lambda_s + r * (lambda_t - lambda_s)
+            sigma_s_1 = sigma_fn(lambda_s_1)
+            noise = run.noise_sampler(run.sigmas[i], run.dev(sigma_s_1)) if add_noise else None
+            x_2, den = run("expint", _sde_substep_row(s, lambda_s, lambda_s_1, sigma_s_1, eta, s_noise),
+                           prediction, x=x, noise=noise, store=("den",))
+            prediction = run.predict(x_2, sigma_s_1)
+            noise = run.noise(i) if add_noise else None
+            out = run("expint", _sde_substep_row(s, lambda_s, lambda_t, sn, eta, s_noise, 1 - fac, fac),
+                      prediction, x=x, old=den, noise=noise)[0]
+        x = run.done(i, x, out, den)
     return x
+
+
+def _sde_base(s, sn, lambda_s, lambda_t, eta):
+    """h, h_eta, alpha_t and the first-order part (a, b) of the 2M/3M SDE update."""
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    alpha_t = sn * lambda_t.exp()
+    return h, h_eta, alpha_t, sn / s * (-h * eta).exp(), alpha_t * (-h_eta).expm1().neg()
+
+
+def _sde_noise_row(sn, h, eta, s_noise):
+    return sn, (-2 * h * eta).expm1().neg().sqrt(), s_noise
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                        eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+                        eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint", cpu_tree=True):
     """DPM-Solver++(2M) SDE; the step to sigma 0 returns the prediction."""
-    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, True)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                            eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
-    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, False)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                             eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="heun"):
-    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, True)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                                 eta=1.0, s_noise=1.0, noise_sampler=None, solver_type="heun"):
-    return _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, False)
-
-
-def _dpmpp_2m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, solver_type, cpu_tree):
     if len(sigmas) <= 1:
         return x
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_tree)
-    s_in = x.new_ones([x.shape[0]])
-    model_sampling, sigmas, s_noise = _sde_setup(model, sigmas, s_noise)
+    run, model_sampling, s_noise = _sde_stepper(model, x, sigmas, extra_args, callback, noise_sampler, s_noise,
+                                                cpu_tree)
+    lam = model_sampling.sigma_to_half_log_snr
     old_denoised, h = None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
+    for i, s, sn in run.steps():
+        prediction = run.predict(x, s)
         h_last = h
-        if sigmas[i + 1] == 0:
-            x = denoised
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, prediction, x=x, store=("den",))
         else:
-            lambda_s = model_sampling.sigma_to_half_log_snr(sigmas[i])
-            lambda_t = model_sampling.sigma_to_half_log_snr(sigmas[i + 1])
-            noise = noise_sampler(sigmas[i], sigmas[i + 1]) if eta > 0 and s_noise > 0 else None
-            x, h = dpmpp_2m_sde_step(x, denoised, old_denoised, sigmas[i], sigmas[i + 1], lambda_s, lambda_t,
-                                     h_last, noise, eta, s_noise, solver_type)
-        old_denoised = denoised
+            noise = run.noise(i) if eta > 0 and s_noise > 0 else None
+            h, h_eta, alpha_t, a, b = _sde_base(s, sn, lam(s), lam(sn), eta)
+            c, mode = 0.0, 0
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    c = alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r)
+                else:
+                    c = 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r)
+                mode = 1
+            row = (a, b, c, 0.0, 0.0, 0.0, 0.0, *_sde_noise_row(sn, h, eta, s_noise))
+            out, den = run("sde_multistep", row, prediction, x=x, h1=old_denoised, noise=noise, mode=mode,
+                           store=("den",))
+        x, old_denoised = run.done(i, x, out, den), den
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                        eta=1.0, s_noise=1.0, noise_sampler=None):
-    """DPM-Solver++(3M) SDE; the step to sigma 0 returns the prediction."""
-    return _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree=True)
-
-
-@torch.no_grad()
-def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                            eta=1.0, s_noise=1.0, noise_sampler=None):
-    return _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree=False)
-
-
-def _dpmpp_3m_sde(model, x, sigmas, extra_args, callback, eta, s_noise, noise_sampler, cpu_tree):
+                        eta=1.0, s_noise=1.0, noise_sampler=None, cpu_tree=True):
+    """DPM-Solver++(3M) SDE (2M / first order while the history is short); the step to sigma 0
+    returns the prediction."""
     if len(sigmas) <= 1:
         return x
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        noise_sampler = _brownian_noise(x, sigmas, extra_args, cpu_tree)
-    s_in = x.new_ones([x.shape[0]])
-    model_sampling, sigmas, s_noise = _sde_setup(model, sigmas, s_noise)
-    denoised_1, denoised_2 = None, None
-    h, h_1, h_2 = None, None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
-            x = denoised
+    run, model_sampling, s_noise = _sde_stepper(model, x, sigmas, extra_args, callback, noise_sampler, s_noise,
+                                                cpu_tree)
+    lam = model_sampling.sigma_to_half_log_snr
+    denoised_1 = denoised_2 = None
+    h = h_1 = h_2 = None
+    for i, s, sn in run.steps():
+        prediction = run.predict(x, s)
+        if sn == 0:
+            out, den = run("denoised", _NO_NOISE, prediction, x=x, store=("den",))
         else:
-            lambda_s = model_sampling.sigma_to_half_log_snr(sigmas[i])
-            lambda_t = model_sampling.sigma_to_half_log_snr(sigmas[i + 1])
-            noise = noise_sampler(sigmas[i], sigmas[i + 1]) if eta > 0 and s_noise > 0 else None
-            x, h = dpmpp_3m_sde_step(x, denoised, denoised_1, denoised_2, sigmas[i], sigmas[i + 1],
-                                     lambda_s, lambda_t, h_1, h_2, noise, eta, s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
+            noise = run.noise(i) if eta > 0 and s_noise > 0 else None
+            h, h_eta, alpha_t, a, b = _sde_base(s, sn, lam(s), lam(sn), eta)
+            c = r0 = r1 = r01 = p3 = 0.0
+            mode = 0
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                c, r01, p3, mode = alpha_t * phi_2, r0 + r1, alpha_t * phi_3, 3
+            elif h_1 is not None:
+                r0 = h_1 / h
+                c, mode = alpha_t * (h_eta.neg().expm1() / h_eta + 1), 2
+            row = (a, b, c, r0, r1, r01, p3, *_sde_noise_row(sn, h, eta, s_noise))
+            out, den = run("sde_multistep", row, prediction, x=x, h1=denoised_1, h2=denoised_2, noise=noise,
+                           mode=mode, store=("den",))
+        x = run.done(i, x, out, den)
+        denoised_1, denoised_2 = den, denoised_1
         h_1, h_2 = h, h_1
     return x

@@ -2,56 +2,59 @@
 
 iPNDM/iPNDM-v/DEIS follow zju-pi/diff-sampler as ComfyUI vendors it: Adams-Bashforth steps in
 sigma on the Karras derivative ``d = (x - denoised) / sigma``, warming up from Euler, and jumping
-straight to ``denoised`` (or an Euler step, for DEIS) on the step to sigma = 0.
+straight to ``denoised`` (or an Euler step, for DEIS) on the step to sigma = 0. Each step is one
+``multistep`` kernel with the derivative history (newest last) kept as the tensors it stores;
+gradient estimation has no kernel and steps in torch.
 """
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels.samplers.cfg_pp import with_uncond_capture
-from kiln.kernels.samplers.common import to_d
+from .common import to_d
+from .stepper import Stepper
+
+_NO_NOISE = (0.0, 0.0, 0.0)
+# iPNDM's equal-step Adams-Bashforth weights (newest first) and divisors per order.
+_IPNDM = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
 
-def _push(history: list, d: torch.Tensor, size: int) -> None:
-    """Keep the newest ``size`` derivatives, oldest first."""
-    history.append(d)
-    del history[:max(0, len(history) - size)]
+def _history(history: list, count: int) -> dict:
+    """The newest ``count`` stored derivatives as the kernel's h1 (newest), h2, h3."""
+    return dict(zip(("h1", "h2", "h3"), reversed(history[len(history) - count:])))
 
 
-# --- iPNDM (fixed Adams-Bashforth coefficients) -------------------------------------------------
-
-def ipndm_step(x, d_cur, history, sigma, sigma_next, order):
-    """Adams-Bashforth of ``order`` 1-4 with equal-step coefficients (history newest last)."""
-    dt = sigma_next - sigma
-    if order == 1:
-        return x + dt * d_cur
-    if order == 2:
-        return x + dt * (3 * d_cur - history[-1]) / 2
-    if order == 3:
-        return x + dt * (23 * d_cur - 16 * history[-1] + 5 * history[-2]) / 12
-    return x + dt * (55 * d_cur - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+def _multistep_loop(model, x, sigmas, extra_args, callback, max_order, plan):
+    """Shared loop; ``plan(sig, i, order)`` gives (row, history count, sequential) or None for x = denoised."""
+    if not 1 <= max_order <= 4:
+        raise ValueError(f"multistep samplers support orders 1-4, got {max_order}")
+    run = Stepper(model, x, sigmas, extra_args, callback)
+    history: list[torch.Tensor] = []
+    for i, s, _ in run.steps():
+        prediction = run.predict(x, s)
+        step = plan(run.sig, i, min(max_order, i + 1))
+        if step is None:
+            out, den = run("denoised", _NO_NOISE, prediction, x=x, store=run.den_store)
+        else:
+            row, count, sequential = step
+            row = tuple(row) + (0.0,) * (7 - len(row))
+            out, d, den = run("multistep", row, prediction, x=x, sequential=sequential,
+                              store=("d",) + run.den_store, **_history(history, count))
+            history.append(d)
+            del history[:max(0, len(history) - (max_order - 1))]
+        x = run.done(i, x, out, den)
+    return x
 
 
 @torch.no_grad()
 def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        d_cur = (x - denoised) / sigmas[i]
-        if sigmas[i + 1] == 0:
-            x_next = denoised
-        else:
-            x_next = ipndm_step(x, d_cur, history, sigmas[i], sigmas[i + 1], min(max_order, i + 1))
-        _push(history, d_cur, max_order - 1)
-        x = x_next
-    return x
+    """Adams-Bashforth of order 1-4 with equal-step coefficients."""
+    def plan(sig, i, order):
+        if sig[i + 1] == 0:
+            return None
+        weights, div = _IPNDM[order]
+        return (sig[i], sig[i + 1] - sig[i], div, *weights), order - 1, 0
+    return _multistep_loop(model, x, sigmas, extra_args, callback, max_order, plan)
 
-
-# --- iPNDM-v (variable-step coefficients) ---------------------------------------------------------
 
 def ipndm_v_coefficients(sigma_window, order):
     """Variable-step AB weights (order 2-4) for (d_cur, d_prev1, ...) from sigmas [.., s_i, s_{i+1}]."""
@@ -76,35 +79,16 @@ def ipndm_v_coefficients(sigma_window, order):
             -temp2 * ratio * h_n_1 / h_n_2)
 
 
-def ipndm_v_step(x, d_cur, history, sigma_window, order):
-    """``x + h_n * sum(c_k * d_k)`` with the newest derivative first, as ComfyUI sums it."""
-    if order == 1:
-        return x + (sigma_window[-1] - sigma_window[-2]) * d_cur
-    coeffs = ipndm_v_coefficients(sigma_window, order)
-    total = coeffs[0] * d_cur
-    for c, d in zip(coeffs[1:], reversed(history)):
-        total = total + c * d
-    return x + (sigma_window[-1] - sigma_window[-2]) * total
-
-
 @torch.no_grad()
 def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        d_cur = (x - denoised) / sigmas[i]
-        order = min(max_order, i + 1)
-        if sigmas[i + 1] == 0:
-            x_next = denoised
-        else:
-            x_next = ipndm_v_step(x, d_cur, history, sigmas[i + 1 - order:i + 2], order)
-        _push(history, d_cur, max_order - 1)
-        x = x_next
-    return x
+    """Adams-Bashforth with variable-step coefficients, ``x + h_n * sum(c_k * d_k)``."""
+    def plan(sig, i, order):
+        if sig[i + 1] == 0:
+            return None
+        window = sig[i + 1 - order:i + 2]
+        weights = (1.0,) if order == 1 else ipndm_v_coefficients(window, order)
+        return (sig[i], window[-1] - window[-2], 1.0, *weights), order - 1, 0
+    return _multistep_loop(model, x, sigmas, extra_args, callback, max_order, plan)
 
 
 # --- DEIS (time-AB, coefficients integrated on the VP time axis) --------------------------------
@@ -154,68 +138,41 @@ def deis_coefficients(sigmas: torch.Tensor, max_order: int = 3, n_points: int = 
     return coeffs
 
 
-def deis_step(x, d_cur, history, sigma, sigma_next, coeffs):
-    """Euler when no weights apply, else ``x + c_0 d_cur + c_1 d_prev1 + ...``."""
-    if not coeffs:
-        return x + (sigma_next - sigma) * d_cur
-    x = x + coeffs[0] * d_cur
-    for c, d in zip(coeffs[1:], reversed(history)):
-        x = x + c * d
-    return x
-
-
 @torch.no_grad()
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    """Euler where no weights apply, else ``x + c_0 d_cur + c_1 d_prev1 + ...``."""
     coeff_list = deis_coefficients(sigmas, max_order)
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        d_cur = (x - denoised) / sigmas[i]
-        coeffs = [] if sigmas[i + 1] <= 0 else coeff_list[i]
-        x_next = deis_step(x, d_cur, history, sigmas[i], sigmas[i + 1], coeffs)
-        _push(history, d_cur, max_order - 1)
-        x = x_next
-    return x
+
+    def plan(sig, i, order):
+        coeffs = [] if sig[i + 1] <= 0 else coeff_list[i]
+        if not coeffs:   # Euler
+            return (sig[i], sig[i + 1] - sig[i], 1.0, 1.0), 0, 0
+        return (sig[i], 1.0, 1.0, *coeffs), len(coeffs) - 1, 1
+    return _multistep_loop(model, x, sigmas, extra_args, callback, max_order, plan)
 
 
 # --- Gradient estimation (Permenter & Yuan) -----------------------------------------------------
 
-def gradient_estimation_step(x, denoised, d, old_d, sigma, sigma_next, ge_gamma=2.0, cfg_pp=False):
-    """Euler step plus ``(gamma - 1) * (d - d_prev) * dt`` once a previous derivative exists."""
-    dt = sigma_next - sigma
-    if sigma_next == 0:
-        return denoised
-    x = denoised + d * sigma_next if cfg_pp else x + d * dt
-    if old_d is not None:
-        x = x + (ge_gamma - 1) * (d - old_d) * dt
-    return x
-
-
 @torch.no_grad()
 def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None,
                                ge_gamma=2.0, cfg_pp=False):
-    capture = None
-    if cfg_pp:
-        extra_args, capture = with_uncond_capture(extra_args)
-    elif extra_args is None:
-        extra_args = {}
+    """Euler step plus ``(gamma - 1) * (d - d_prev) * dt`` once a previous derivative exists; the
+    CFG++ flavour takes d from the uncond prediction and steps from the guided one."""
+    extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     old_d = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = to_d(x, sigmas[i], capture.uncond_denoised if cfg_pp else denoised)
+        prediction = model.predict(x, sigmas[i] * s_in, need_uncond=cfg_pp, **extra_args)
+        denoised = prediction.denoised
+        d = to_d(x, sigmas[i], prediction.uncond if cfg_pp else denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = gradient_estimation_step(x, denoised, d, old_d, sigmas[i], sigmas[i + 1], ge_gamma, cfg_pp)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
+            if old_d is not None:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
     return x
-
-
-@torch.no_grad()
-def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                                      ge_gamma=2.0):
-    return sample_gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=True)

@@ -153,12 +153,3 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
             if step_noise is not None:
                 noise = step_noise
     return x_pred
-
-
-@torch.no_grad()
-def sample_sa_solver_pece(model, x, sigmas, extra_args=None, callback=None, disable=False, tau_func=None,
-                          s_noise=1.0, noise_sampler=None, predictor_order=3, corrector_order=4,
-                          simple_order_2=False):
-    """Predict-Evaluate-Correct-Evaluate: re-evaluates the model on every corrected state."""
-    return sample_sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler,
-                            predictor_order, corrector_order, use_pece=True, simple_order_2=simple_order_2)

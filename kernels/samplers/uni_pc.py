@@ -3,13 +3,19 @@
 ComfyUI runs UniPC on a VP view of the sigma schedule (``comfy/extra_samplers/uni_pc.py``):
 x is divided by sqrt(1 + sigma0^2), the model's denoised output is turned into eps and back into
 a VP data prediction, and a final sigma of 0 is replaced by 0.001 (the solver cannot reach
-lambda = inf) with the result divided by alpha(0.001) at the end.  Order min(3, steps - 1),
+lambda = inf) with the result divided by alpha(0.001) at the end. Order min(3, steps - 1),
 lowered on the last steps; every step but the last runs the corrector, whose model evaluation
 is reused as the next step's history (so one model call per step).
+
+One ``unipc`` kernel per model evaluation turns the prediction into the VP data prediction,
+applies this step's corrector (UniC) and already runs the next step's predictor, writing the
+next model input (or, on the last step, the sampler's result).
 """
 from __future__ import annotations
 
 import torch
+
+from .stepper import Stepper
 
 FINAL_SIGMA = 0.001
 
@@ -34,19 +40,12 @@ def vp_lambda(sigma: torch.Tensor) -> torch.Tensor:
     return log_alpha - 0.5 * torch.log(1. - torch.exp(2. * log_alpha))
 
 
-def _expand(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v[(...,) + (None,) * (ndim - 1)]
+def _c_in(sigma):
+    """VP state -> model input factor, ``sqrt(sigma^2 + 1)``."""
+    return (sigma ** 2 + 1.0) ** 0.5
 
 
-def vp_data_prediction(model, x, sigma, extra_args):
-    """ComfyUI's model_fn: VP x -> model input x*sqrt(1+s^2) -> eps -> VP data prediction."""
-    sigma_b = _expand(sigma, x.ndim)
-    model_input = x * ((sigma_b ** 2 + 1.0) ** 0.5)
-    eps = (model_input - model(model_input, sigma, **extra_args)) / sigma_b
-    return (x - _expand(vp_std(sigma), x.ndim) * eps) / _expand(vp_alpha(sigma), x.ndim)
-
-
-# --- one UniPC-B(h) step --------------------------------------------------------------------------
+# --- the coefficients of one UniPC-B(h) step ------------------------------------------------------
 
 def unipc_coefficients(rks: torch.Tensor, hh: torch.Tensor, order: int, variant: str):
     """(B_h, rhos_p, rhos_c) for a step of ``order``; rks are r_k = (lambda_k - lambda_prev0)/h then 1."""
@@ -76,85 +75,74 @@ def unipc_coefficients(rks: torch.Tensor, hh: torch.Tensor, order: int, variant:
     return B_h, rhos_p, rhos_c
 
 
-def unipc_bh_step(x, model_prev_list, sigma_prev_list, sigma, order, variant, model_t=None):
-    """One UniPC-B(h) step from the last history point to ``sigma`` ([B]); pure.
+def _bh_row(sigma_hist: list, sigma, order: int, variant: str, predictor: bool) -> tuple:
+    """Scalars of a UniPC-B(h) step of ``order`` from the newest history sigma to ``sigma``.
 
-    Without ``model_t`` this is the predictor; given the model's prediction at the predicted state
-    it returns the corrected state instead (UniC, which reuses ``model_t`` as the next history point).
+    Corrector: [a, b, cB, rho_t, rho1, rho2, r1, r2]; predictor: [a, b, cB, rho1, rho2, r1, r2].
     """
-    sigma_prev_0 = sigma_prev_list[-1]
-    model_prev_0 = model_prev_list[-1]
+    sigma_prev_0 = sigma_hist[-1]
     lambda_prev_0 = vp_lambda(sigma_prev_0)
     h = vp_lambda(sigma) - lambda_prev_0
-    alpha_t = torch.exp(_log_alpha(sigma))
-
-    rks, D1s = [], []
-    for i in range(1, order):
-        rk = ((vp_lambda(sigma_prev_list[-(i + 1)]) - lambda_prev_0) / h)[0]
-        rks.append(rk)
-        D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
-    rks.append(1.)
-    rks = torch.tensor(rks, device=x.device)
-
-    hh = -h[0]
-    B_h, rhos_p, rhos_c = unipc_coefficients(rks, hh, order, variant)
-    dims = x.dim()
-    x_t_ = (_expand(vp_std(sigma) / vp_std(sigma_prev_0), dims) * x
-            - _expand(alpha_t * torch.expm1(hh), dims) * model_prev_0)
-    D1s = torch.stack(D1s, dim=1) if D1s else None
-    if model_t is None:
-        if D1s is None:
-            return x_t_
-        return x_t_ - _expand(alpha_t * B_h, dims) * torch.tensordot(D1s, rhos_p, dims=([1], [0]))
-    corr_res = 0 if D1s is None else torch.tensordot(D1s, rhos_c[:-1], dims=([1], [0]))
-    D1_t = model_t - model_prev_0
-    return x_t_ - _expand(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * D1_t)
+    rks = [(vp_lambda(sigma_hist[-(k + 1)]) - lambda_prev_0) / h for k in range(1, order)]
+    hh = -h
+    B_h, rhos_p, rhos_c = unipc_coefficients(torch.tensor(rks + [1.0]), hh, order, variant)
+    alpha_t = vp_alpha(sigma)
+    r = (list(rks) + [1.0, 1.0])[:2]
+    head = (vp_std(sigma) / vp_std(sigma_prev_0), alpha_t * torch.expm1(hh), alpha_t * B_h)
+    if predictor:
+        rho = (list(rhos_p) if rhos_p is not None else []) + [0.0, 0.0]
+        return head + (rho[0], rho[1], *r)
+    rho = list(rhos_c[:-1]) + [0.0, 0.0]
+    return head + (rhos_c[-1], rho[0], rho[1], *r)
 
 
 # --- the sampler ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, variant="bh1"):
+def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None, variant="bh1"):
     """ComfyUI's wrapper semantics, except that the caller's ``sigmas`` is not modified in place.
 
     ComfyUI writes 0.001 into ``sigmas[-1]`` of the caller's tensor; only the returned x is reproduced.
     With a single step (order 0) ComfyUI evaluates the model once and returns the rescaled input
-    unchanged; that is reproduced too.  The callback gets ComfyUI's keys: x (VP-scaled), i, denoised.
+    unchanged; that is reproduced too. The callback gets ComfyUI's keys: x (VP-scaled), i, denoised.
     """
-    extra_args = {} if extra_args is None else extra_args
-    timesteps = sigmas.clone()
-    if timesteps[-1] == 0:
-        timesteps[-1] = FINAL_SIGMA
-    batch = x.shape[0]
-
-    def model_fn(x_vp, sigma):
-        return vp_data_prediction(model, x_vp, sigma, extra_args)
-
-    x = x / torch.sqrt(1.0 + timesteps[0] ** 2.0)
-    steps = len(timesteps) - 1
-    order = min(3, len(timesteps) - 2)
-    if steps >= 1:
-        sigma_0 = timesteps[0].expand(batch)
-        model_prev_list, sigma_prev_list = [model_fn(x, sigma_0)], [sigma_0]
-        if callback is not None:
-            callback({"x": x, "i": 0, "denoised": model_prev_list[-1]})
-        for k in range(1, steps + 1 if order > 0 else 1):
-            sigma_k = timesteps[k].expand(batch)
-            use_corrector = k < steps
+    run = Stepper(model, x, sigmas, extra_args)
+    ts = run.sig.clone()
+    if ts[-1] == 0:
+        ts[-1] = FINAL_SIGMA
+    x = x / torch.sqrt(1.0 + ts[0] ** 2.0)
+    steps, order = len(ts) - 1, min(3, len(ts) - 2)
+    if steps < 1:
+        return x / vp_alpha(ts[-1])
+    zeros8 = (0.0,) * 8
+    x_in, model_in = x, x * _c_in(ts[0])   # the VP state the next model call sees, and its model input
+    sigma_hist: list[torch.Tensor] = []
+    m_hist: list[torch.Tensor] = []
+    for k in range(steps if order > 0 else 1):   # ComfyUI's own step order: ts, not the caller's sigmas
+        prediction = run.predict(model_in, ts[k])
+        data = (_c_in(ts[k]), ts[k], vp_std(ts[k]), vp_alpha(ts[k]))
+        nc, corrector = -1, zeros8
+        if k > 0:
             step_order = min(k, order, steps + 1 - k)
-            x_pred = unipc_bh_step(x, model_prev_list, sigma_prev_list, sigma_k, step_order, variant)
-            if not use_corrector:
-                x = x_pred
-            else:
-                model_x = model_fn(x_pred, sigma_k)
-                x = unipc_bh_step(x, model_prev_list, sigma_prev_list, sigma_k, step_order, variant, model_x)
-                model_prev_list = (model_prev_list + [model_x])[-order:]
-                sigma_prev_list = (sigma_prev_list + [sigma_k])[-order:]
-            if callback is not None and k != steps - 1:
-                callback({"x": x, "i": min(k, steps - 1), "denoised": model_prev_list[-1]})
-    return x / vp_alpha(timesteps[-1])
-
-
-@torch.no_grad()
-def sample_unipc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    return sample_unipc(model, x, sigmas, extra_args, callback, disable, variant="bh2")
+            nc, corrector = step_order - 1, _bh_row(sigma_hist, ts[k], step_order, variant, predictor=False)
+        n_pred, final, predictor = -1, 0, zeros8
+        if order > 0:
+            sigma_hist = (sigma_hist + [ts[k]])[-order:]
+            next_order = min(k + 1, order, steps - k)
+            final = int(k + 1 == steps)
+            factor = vp_alpha(ts[-1]) if final else _c_in(ts[k + 1])
+            n_pred = next_order - 1
+            predictor = _bh_row(sigma_hist, ts[k + 1], next_order, variant, predictor=True) + (factor,)
+        history = dict(zip(("m0", "m1", "m2"), reversed(m_hist)))
+        out, m, x_pred, model_in = run("unipc", data + corrector + predictor, prediction, x=x, xin=x_in,
+                                       **history, nc=nc, np=n_pred, final=final)
+        x = x if out is None else out
+        m_hist = (m_hist + [m])[-max(order, 1):]
+        if callback is not None and (k == 0 or k != steps - 1):
+            callback({"x": x, "i": k, "denoised": m})
+        x_in = x_pred
+    if order < 1:
+        return x / vp_alpha(ts[-1])
+    if callback is not None:
+        callback({"x": x_pred, "i": steps - 1, "denoised": m_hist[-1]})
+    return model_in

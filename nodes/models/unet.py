@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from kiln.kernels.model_sampling import ModelSamplingDiscrete
+from kiln.kernels.model_sampling import ModelSamplingDiscrete, nearest_timestep
 from kiln.kernels.sdxl import sdxl_vector
 from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion
 
@@ -97,7 +97,8 @@ def build_unet(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
 
 
 class DiffusionModel(torch.nn.Module):
-    """MODEL: the UNet plus its parameterisation (``DiffusionModelHandle``)."""
+    """MODEL: the UNet plus its parameterisation (``DiffusionModelHandle``). ``apply_model`` is
+    export-safe: a plan's compiled denoiser calls it too (kiln.compiler.lower.denoiser)."""
 
     def __init__(self, unet: UNet2DConditionModel, info: ModelInfo):
         super().__init__()
@@ -107,6 +108,8 @@ class DiffusionModel(torch.nn.Module):
         self.model_sampling = ModelSamplingDiscrete(info.prediction)
         self.latent_format = info.latent_format
         self.in_channels = info.unet.in_channels
+        # The timestep table as a buffer, so an exported denoiser carries it as a weight.
+        self.register_buffer("log_sigmas", self.model_sampling.log_sigmas.clone())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,7 +127,7 @@ class DiffusionModel(torch.nn.Module):
         if c_concat is not None:
             xc = torch.cat([xc, c_concat.to(xc.device, xc.dtype)], dim=1)
         xc = xc.to(self.device, self.dtype)
-        t = ms.timestep(sigma).float().to(self.device)
+        t = nearest_timestep(sigma, self.log_sigmas).float().to(self.device)
         context = context.to(self.device, self.dtype)
         if y is not None:
             y = y.to(self.device, self.dtype)

@@ -89,8 +89,8 @@ def _layout(sd: dict[str, torch.Tensor]) -> tuple[VaeConfig, dict[str, torch.Ten
 
 
 class Vae(torch.nn.Module):
-    """VAE (``VaeHandle``): NHWC [0,1] pixels <-> raw latents, outputs float32 on the CPU
-    (ComfyUI's intermediate device)."""
+    """VAE (``VaeHandle``): NHWC [0,1] pixels <-> raw latents, float32 outputs on the VAE's device.
+    Export-safe as written: a plan's compiled VAE stages call these same methods."""
 
     def __init__(self, model: AutoencoderKL):
         super().__init__()
@@ -110,11 +110,11 @@ class Vae(torch.nn.Module):
         """Posterior mean after ``quant_conv`` of ``pixels*2-1`` (ComfyUI never samples the posterior)."""
         x = (pixels.movedim(-1, 1) * 2.0 - 1.0).to(self.device, self.dtype)
         moments = self.model.quant_conv(self.model.encoder(x))
-        return moments.chunk(2, dim=1)[0].float().cpu()
+        return moments.chunk(2, dim=1)[0].float()
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         z = samples.to(self.device, self.dtype)
-        x = self.model.decoder(self.model.post_quant_conv(z)).float().cpu()
+        x = self.model.decoder(self.model.post_quant_conv(z)).float()
         return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
 
 

@@ -1,7 +1,10 @@
-"""User-facing errors: every problem names the node, its class_type, the input, expected and found.
+"""User-facing errors, on the lowest floor so every layer raises the same kind.
 
-Codes are ComfyUI's own (``required_input_missing``, ``return_type_mismatch``,
-``value_not_in_list``, ...) so people who know ComfyUI's messages recognise them.
+A ``Problem`` names the node, its class_type, the input, what was expected and what was found;
+``KilnError`` carries one or more (the CLI prints each and exits with status 2, the server turns
+them into ComfyUI's ``node_errors``). Codes are ComfyUI's own (``required_input_missing``,
+``return_type_mismatch``, ``value_not_in_list``, ...) so people who know ComfyUI's messages
+recognise them.
 """
 from __future__ import annotations
 
