@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from kiln.compiler.graph import Graph, Link
-from kiln.kernels.errors import KilnError, Problem
+from kiln.compiler.node_cache import NodeCache, signatures
+from kiln.kernels.errors import Interrupted, KilnError, Problem
 from kiln.nodes import registry
 from kiln.nodes.registry import RunContext, UiOutput
 from kiln.runtime.images import WrittenImages
@@ -27,6 +27,20 @@ class NodeTiming:
     seconds: float
 
 
+class RunEvents:
+    """What a caller hears from a run (the server's messages). ``executing`` may raise
+    ``Interrupted`` to stop before the node."""
+
+    def cached(self, node_ids: list[str]) -> None:
+        """The nodes whose outputs come from the cache, before anything runs."""
+
+    def executing(self, node_id: str) -> None:
+        """A node is about to run."""
+
+    def executed(self, node_id: str, ui: UiOutput) -> None:
+        """An output node's results (also for one answered from the cache)."""
+
+
 @dataclass
 class RunResult(WrittenImages):
     outputs: dict[str, tuple] = field(default_factory=dict)   # the output nodes' results
@@ -34,11 +48,13 @@ class RunResult(WrittenImages):
 
 
 def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None,
-              keep: set[str] | None = None,
-              on_node: Callable[[str, str], None] | None = None) -> RunResult:
+              keep: set[str] | None = None, cache: NodeCache | None = None,
+              events: RunEvents | None = None) -> RunResult:
     """Evaluate the nodes ``targets`` (default: the output nodes) depend on.
 
     ``keep`` names nodes whose outputs are returned in ``RunResult.outputs`` besides the targets.
+    With a ``cache``, nodes whose input signature it holds are not run again, and the outputs of
+    the nodes that run are stored in it (``kiln.compiler.node_cache``).
     """
     defs = {node_id: registry.get(node.class_type) for node_id, node in graph.nodes.items()}
     if targets is None:
@@ -48,32 +64,53 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
     remaining_uses = Counter(link.node_id for node_id in order for _, link in graph.nodes[node_id].links())
     values: dict[str, tuple] = {}
     result = RunResult()
+    events = events or RunEvents()
+    sigs = signatures(graph, order, ctx.input_dir) if cache is not None else {}
+    events.cached([node_id for node_id in order if sigs.get(node_id) in cache] if cache is not None else [])
     with torch.inference_mode():
         for node_id in order:
             node = graph.nodes[node_id]
             node_def = defs[node_id]
+            entry = cache.get(sigs[node_id]) if cache is not None else None
+            if entry is not None:
+                values[node_id] = entry.outputs
+                if entry.ui is not None:
+                    result.images[node_id] = list(entry.ui.images)
+                    events.executed(node_id, entry.ui)
+                _release(graph, node, remaining_uses, values, keep)
+                continue
             kwargs = {name: (values[v.node_id][v.slot] if isinstance(v, Link) else v)
                       for name, v in node.inputs.items() if node_def.input(name) is not None}
-            if on_node is not None:
-                on_node(node_id, node.class_type)
+            events.executing(node_id)
             ctx.node_id = node_id
             start = time.perf_counter()
             try:
                 out = node_def.function(ctx, **kwargs) if node_def.needs_context else node_def.function(**kwargs)
-            except KilnError:
+            except (KilnError, Interrupted):
                 raise
             except Exception as exc:  # reported with the node named; --debug shows the traceback
                 raise KilnError([Problem("exception_during_execution", f"{type(exc).__name__}: {exc}",
                                          node_id=node_id, class_type=node.class_type,
                                          title=node.title)]) from exc
             result.timings.append(NodeTiming(node_id, node.class_type, time.perf_counter() - start))
-            if isinstance(out, UiOutput):
-                result.images[node_id] = list(out.images)
+            ui = out if isinstance(out, UiOutput) else None
+            if ui is not None:
+                result.images[node_id] = list(ui.images)
+                events.executed(node_id, ui)
                 out = ()
             values[node_id] = tuple(out) if out is not None else ()
-            for _, link in node.links():
-                remaining_uses[link.node_id] -= 1
-                if remaining_uses[link.node_id] == 0 and link.node_id not in keep:
-                    del values[link.node_id]
+            if cache is not None:
+                cache.put(sigs[node_id], values[node_id], ui, node_def.outputs)
+            _release(graph, node, remaining_uses, values, keep)
+    if cache is not None:
+        cache.trim(set(sigs.values()))
     result.outputs = {node_id: values[node_id] for node_id in keep if node_id in values}
     return result
+
+
+def _release(graph: Graph, node, remaining_uses: Counter, values: dict, keep: set[str]) -> None:
+    """Free each input's value after its last consumer ran."""
+    for _, link in node.links():
+        remaining_uses[link.node_id] -= 1
+        if remaining_uses[link.node_id] == 0 and link.node_id not in keep:
+            del values[link.node_id]

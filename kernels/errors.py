@@ -57,6 +57,14 @@ class KilnError(Exception):
         super().__init__("\n".join(p.format() for p in self.problems))
 
 
+class Interrupted(Exception):
+    """A run stopped on request (``POST /interrupt``) at its next node or sampler step."""
+
+    def __init__(self, node_id: str | None = None):
+        super().__init__(f"interrupted at node {node_id}" if node_id else "interrupted")
+        self.node_id = node_id
+
+
 def did_you_mean(value: object, choices: Iterable[str]) -> str | None:
     """``did you mean 'x'?`` for the closest choice, if any is close."""
     matches = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)

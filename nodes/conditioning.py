@@ -19,7 +19,7 @@ def _set_values(conditioning: list, values: dict) -> list:
 
 @node("ConditioningCombine",
       [SOCKET("conditioning_1", "CONDITIONING"), SOCKET("conditioning_2", "CONDITIONING")],
-      ["CONDITIONING"], category="conditioning")
+      ["CONDITIONING"], category="conditioning", display_name="Conditioning (Combine)")
 def conditioning_combine(*, conditioning_1: list, conditioning_2: list) -> tuple:
     """Both lists; the sampler averages their predictions (weighted by area/strength)."""
     return (conditioning_1 + conditioning_2,)
@@ -30,7 +30,7 @@ def conditioning_combine(*, conditioning_1: list, conditioning_2: list) -> tuple
        INT("width", 64, 64, MAX_RESOLUTION, 8), INT("height", 64, 64, MAX_RESOLUTION, 8),
        INT("x", 0, 0, MAX_RESOLUTION, 8), INT("y", 0, 0, MAX_RESOLUTION, 8),
        FLOAT("strength", 1.0, 0.0, 10.0, 0.01)],
-      ["CONDITIONING"], category="conditioning")
+      ["CONDITIONING"], category="conditioning", display_name="Conditioning (Set Area)")
 def conditioning_set_area(*, conditioning: list, width: int, height: int, x: int, y: int,
                           strength: float) -> tuple:
     """Restrict to a pixel rectangle, stored in latent px as ComfyUI's (h, w, y, x)."""

@@ -55,7 +55,7 @@ def _to_float(image: Image.Image) -> torch.Tensor:
 
 
 @node("LoadImage", [COMBO("image", _input_images, folder="input")], ["IMAGE", "MASK"],
-      category="image", needs_context=True)
+      category="image", needs_context=True, display_name="Load Image")
 def load_image(ctx: RunContext, image: str):
     """IMAGE [F,H,W,3] and MASK [F,H,W] = 1 - alpha (a 64x64 zero mask without alpha).
 
@@ -85,7 +85,7 @@ def load_image(ctx: RunContext, image: str):
 
 @node("LoadImageMask",
       [COMBO("image", _input_images, folder="input"), COMBO("channel", ["alpha", "red", "green", "blue"], "alpha")],
-      ["MASK"], category="mask", needs_context=True)
+      ["MASK"], category="mask", needs_context=True, display_name="Load Image (as Mask)")
 def load_image_mask(ctx: RunContext, image: str, channel: str):
     """One channel of the (first frame of the) file as a MASK [1,H,W]; alpha is inverted."""
     with _open_input(ctx, image) as img:
@@ -102,7 +102,8 @@ def load_image_mask(ctx: RunContext, image: str, channel: str):
 
 
 @node("SaveImage", [SOCKET("images", "IMAGE"), STRING("filename_prefix", "ComfyUI")], [],
-      category="image", output_node=True, foldable=False, needs_context=True, plan=PlanSpec("save_image"))
+      category="image", output_node=True, foldable=False, needs_context=True, plan=PlanSpec("save_image"),
+      display_name="Save Image")
 def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str = "ComfyUI") -> UiOutput:
     """Writes ``<prefix>_<counter:05>_.png`` per image."""
     if ctx.output_dir is None:
@@ -112,7 +113,8 @@ def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str = "Co
 
 
 @node("PreviewImage", [SOCKET("images", "IMAGE")], [], category="image", output_node=True,
-      foldable=False, needs_context=True, plan=PlanSpec("save_image", params={"preview": True}))
+      foldable=False, needs_context=True, plan=PlanSpec("save_image", params={"preview": True}),
+      display_name="Preview Image")
 def preview_image(ctx: RunContext, images: torch.Tensor) -> UiOutput:
     """Like ComfyUI's temp previews (``ComfyUI_temp_<5 letters>_NNNNN_.png``, compress level 1),
     written under ``<output_dir>/.preview/``."""
@@ -152,7 +154,8 @@ def image_scale_size(node, width: int, height: int):
        COMBO("crop", ["disabled", "center"], "disabled")],
       ["IMAGE"], category="image/upscaling",
       plan=PlanSpec("module", computes=("value",), lower=lambda node, w: ResizeModule(
-          node, w["upscale_method"], image_scale_size(node, w["width"], w["height"]), w["crop"], latent=False)))
+          node, w["upscale_method"], image_scale_size(node, w["width"], w["height"]), w["crop"], latent=False)),
+      display_name="Upscale Image")
 def image_scale(image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str):
     """Resize to width x height; a 0 side follows the aspect ratio, both 0 is a no-op."""
     return (resize(image, upscale_method, image_scale_size(None, width, height), crop, latent=False),)
@@ -163,6 +166,7 @@ def image_scale(image: torch.Tensor, upscale_method: str, width: int, height: in
        FLOAT("scale_by", 1.0, min=0.01, max=8.0, step=0.01)],
       ["IMAGE"], category="image/upscaling",
       plan=PlanSpec("module", computes=("value",), lower=lambda node, w: ResizeModule(
-          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=False)))
+          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=False)),
+      display_name="Upscale Image By")
 def image_scale_by(image: torch.Tensor, upscale_method: str, scale_by: float):
     return (resize(image, upscale_method, scale_by_size(None, scale_by), "disabled", latent=False),)

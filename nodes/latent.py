@@ -25,7 +25,7 @@ EMPTY_LATENT_CHANNELS = 4
        INT("batch_size", 1, 1, 4096)],
       ["LATENT"], category="latent",
       plan=PlanSpec("empty_latent", runtime_widgets={"width": "width", "height": "height", "batch_size": "batch_size"},
-                    params={"channels": EMPTY_LATENT_CHANNELS}))
+                    params={"channels": EMPTY_LATENT_CHANNELS}), display_name="Empty Latent Image")
 def empty_latent_image(*, width: int, height: int, batch_size: int) -> tuple:
     """Zeros at 1/8 of the pixel size (floored, as ComfyUI)."""
     return ({"samples": torch.zeros([batch_size, EMPTY_LATENT_CHANNELS, height // 8, width // 8])},)
@@ -58,7 +58,8 @@ def latent_upscale_size(node, width: int, height: int):
        COMBO("crop", CROP_METHODS, CROP_METHODS[0])],
       ["LATENT"], category="latent",
       plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: ResizeModule(
-          node, w["upscale_method"], latent_upscale_size(node, w["width"], w["height"]), w["crop"], latent=True)))
+          node, w["upscale_method"], latent_upscale_size(node, w["width"], w["height"]), w["crop"], latent=True)),
+      display_name="Upscale Latent")
 def latent_upscale(*, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple:
     """Resize to a pixel size (each side at least 64); a 0 side follows the aspect ratio."""
     return (resize(samples, upscale_method, latent_upscale_size(None, width, height), crop, latent=True),)
@@ -69,21 +70,22 @@ def latent_upscale(*, samples: dict, upscale_method: str, width: int, height: in
        FLOAT("scale_by", 1.5, 0.01, 8.0, 0.01)],
       ["LATENT"], category="latent",
       plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: ResizeModule(
-          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=True)))
+          node, w["upscale_method"], scale_by_size(node, w["scale_by"]), "disabled", latent=True)),
+      display_name="Upscale Latent By")
 def latent_upscale_by(*, samples: dict, upscale_method: str, scale_by: float) -> tuple:
     """Resize by a factor; the latent size is rounded to nearest."""
     return (resize(samples, upscale_method, scale_by_size(None, scale_by), "disabled", latent=True),)
 
 
 @node("SetLatentNoiseMask", [SOCKET("samples", "LATENT"), SOCKET("mask", "MASK")], ["LATENT"],
-      category="latent/inpaint")
+      category="latent/inpaint", display_name="Set Latent Noise Mask")
 def set_latent_noise_mask(*, samples: dict, mask: torch.Tensor) -> tuple:
     """Attach a [B,1,H,W] mask: the sampler regenerates only where it is 1."""
     return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
 
 
 @node("RepeatLatentBatch", [SOCKET("samples", "LATENT"), INT("amount", 1, 1, 64)], ["LATENT"],
-      category="latent/batch")
+      category="latent/batch", display_name="Repeat Latent Batch")
 def repeat_latent_batch(*, samples: dict, amount: int) -> tuple:
     """Tile the batch ``amount`` times; ``batch_index`` continues past the source range so each
     copy gets its own noise."""
@@ -101,7 +103,7 @@ def repeat_latent_batch(*, samples: dict, amount: int) -> tuple:
 
 @node("LatentFromBatch",
       [SOCKET("samples", "LATENT"), INT("batch_index", 0, 0, 63), INT("length", 1, 1, 64)],
-      ["LATENT"], category="latent/batch")
+      ["LATENT"], category="latent/batch", display_name="Latent From Batch")
 def latent_from_batch(*, samples: dict, batch_index: int, length: int) -> tuple:
     """Slice the batch, clamped to its size; records ``batch_index`` so the noise matches the
     slice's position in the full batch."""

@@ -12,7 +12,7 @@ def _cached(ctx: RunContext, key: tuple, load):
 
 
 @node("CheckpointLoaderSimple", [COMBO("ckpt_name", (), folder="checkpoints")],
-      ("MODEL", "CLIP", "VAE"), category="loaders", needs_context=True)
+      ("MODEL", "CLIP", "VAE"), category="loaders", needs_context=True, display_name="Load Checkpoint")
 def checkpoint_loader_simple(ctx: RunContext, ckpt_name: str):
     from kiln.nodes.models.checkpoint import load_checkpoint
 
@@ -22,7 +22,7 @@ def checkpoint_loader_simple(ctx: RunContext, ckpt_name: str):
 
 
 @node("VAELoader", [COMBO("vae_name", (), folder="vae")], ("VAE",), category="loaders",
-      needs_context=True)
+      needs_context=True, display_name="Load VAE")
 def vae_loader(ctx: RunContext, vae_name: str):
     from kiln.nodes.models.checkpoint import load_vae
 

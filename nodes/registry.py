@@ -97,6 +97,9 @@ class NodeDef:
     # Nodes whose function needs the run context (folders, device, progress, prompt JSON).
     needs_context: bool = False
     plan: PlanSpec | None = None
+    # What ComfyUI's /object_info says of it: its menu name and the module defining it there.
+    display_name: str | None = None
+    python_module: str = "nodes"
 
     def __post_init__(self):
         widgets = {spec.name for spec in self.inputs if spec.is_widget}
@@ -209,6 +212,8 @@ class RunContext:
     extra_pnginfo: dict | None = None   # {"workflow": ...} when the UI workflow is known
     node_id: str = ""
     progress: Callable[[int, int], None] | None = None
+    # preview(denoised sampler-space latent, its LatentFormat) after each sampler step, when wanted
+    preview: Callable[[Any, Any], None] | None = None
     cache: dict = field(default_factory=dict)   # loaded models, keyed by path and options
     settings: Settings = field(default_factory=Settings)
 

@@ -29,9 +29,12 @@ def common_ksampler(ctx: RunContext, model, seed: int, cfg: float, settings: dic
     """Sample ``latent`` with the schedule ``settings`` describe; progress goes to ``ctx.progress(step, total)``."""
     sigmas, add_noise = ksampler_schedule(model.model_sampling, settings)
     callback = None
-    if ctx.progress is not None:
+    if ctx.progress is not None or ctx.preview is not None:
         def callback(step, denoised, x, total_steps) -> None:
-            ctx.progress(step + 1, total_steps)
+            if ctx.preview is not None:
+                ctx.preview(denoised, model.latent_format)
+            if ctx.progress is not None:
+                ctx.progress(step + 1, total_steps)
 
     guider = Guider(model, positive, negative, cfg)
     samples = sample_latent(guider, model.latent_format, latent["samples"], sampler_name=settings["sampler_name"],
@@ -59,7 +62,8 @@ def ksampler(ctx: RunContext, *, model, seed: int, steps: int, cfg: float, sampl
        COMBO("return_with_leftover_noise", (DISABLE, ENABLE), DISABLE)],
       ["LATENT"], category="sampling", seed="noise_seed", foldable=False, needs_context=True,
       plan=PlanSpec("sample", runtime_widgets={"noise_seed": "seed", "steps": "steps", "cfg": "cfg",
-                                               "start_at_step": "start_at_step", "end_at_step": "end_at_step"}))
+                                               "start_at_step": "start_at_step", "end_at_step": "end_at_step"}),
+      display_name="KSampler (Advanced)")
 def ksampler_advanced(ctx: RunContext, *, model, add_noise: str, noise_seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,
                       start_at_step: int, end_at_step: int, return_with_leftover_noise: str) -> tuple:

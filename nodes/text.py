@@ -57,7 +57,8 @@ class ClipTextEncodeModule(NodeModule):
 @node("CLIPTextEncode", [STRING("text", multiline=True), SOCKET("clip", "CLIP")], ["CONDITIONING"],
       category="conditioning", foldable=True,
       plan=PlanSpec("module", runtime_widgets={"text": "text"}, computes=("0.cond", "0.pooled_output"),
-                    lower=lambda node, w: ClipTextEncodeModule(node, w["clip"])))
+                    lower=lambda node, w: ClipTextEncodeModule(node, w["clip"])),
+      display_name="CLIP Text Encode (Prompt)")
 def clip_text_encode(text: str, clip: ClipHandle) -> tuple:
     """Prompt -> ``[[cond, {"pooled_output": pooled}]]`` (ComfyUI's ``encode_from_tokens_scheduled``
     without hooks)."""
@@ -68,7 +69,7 @@ def clip_text_encode(text: str, clip: ClipHandle) -> tuple:
 
 
 @node("CLIPSetLastLayer", [SOCKET("clip", "CLIP"), INT("stop_at_clip_layer", -1, min=-24, max=-1)], ["CLIP"],
-      category="conditioning", foldable=True)
+      category="conditioning", foldable=True, display_name="CLIP Set Last Layer")
 def clip_set_last_layer(clip: ClipHandle, stop_at_clip_layer: int) -> tuple:
     """A copy of ``clip`` that reads the hidden state of layer ``stop_at_clip_layer`` (-1 = last)."""
     return (clip.clip_layer(stop_at_clip_layer),)

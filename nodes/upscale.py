@@ -60,7 +60,8 @@ class UpscaleWithModelModule(NodeModule):
 
 @node("UpscaleModelLoader",
       [COMBO("model_name", lambda ctx: ctx.models.list("upscale_models"), folder="upscale_models")],
-      ["UPSCALE_MODEL"], category="loaders", needs_context=True)
+      ["UPSCALE_MODEL"], category="loaders", needs_context=True,
+      display_name="Load Upscale Model", python_module="comfy_extras.nodes_upscale_model")
 def upscale_model_loader(ctx: RunContext, model_name: str):
     path = ctx.models.resolve("upscale_models", model_name)
     key = ("upscale_model", str(path), str(ctx.device))
@@ -72,7 +73,8 @@ def upscale_model_loader(ctx: RunContext, model_name: str):
 @node("ImageUpscaleWithModel", [SOCKET("upscale_model", "UPSCALE_MODEL"), SOCKET("image", "IMAGE")],
       ["IMAGE"], category="image/upscaling", needs_context=True,
       plan=PlanSpec("module", computes=("value",),
-                    lower=lambda node, w: UpscaleWithModelModule(node, w["upscale_model"])))
+                    lower=lambda node, w: UpscaleWithModelModule(node, w["upscale_model"])),
+      display_name="Upscale Image (using Model)", python_module="comfy_extras.nodes_upscale_model")
 def image_upscale_with_model(ctx: RunContext, upscale_model, image):
     return (upscale_image(upscale_model, image, scale=upscale_model.scale, device=upscale_model.device,
                           progress=ctx.progress),)

@@ -58,13 +58,15 @@ class VaeEncodeModule(NodeModule):
 
 
 @node("VAEDecode", [SOCKET("samples", "LATENT"), SOCKET("vae", "VAE")], ["IMAGE"], category="latent",
-      plan=PlanSpec("module", computes=("value",), lower=lambda node, w: VaeDecodeModule(node, w["vae"])))
+      plan=PlanSpec("module", computes=("value",), lower=lambda node, w: VaeDecodeModule(node, w["vae"])),
+      display_name="VAE Decode")
 def vae_decode(samples: dict, vae):
     return (vae.decode(samples["samples"]).cpu(),)
 
 
 @node("VAEEncode", [SOCKET("pixels", "IMAGE"), SOCKET("vae", "VAE")], ["LATENT"], category="latent",
-      plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: VaeEncodeModule(node, w["vae"])))
+      plan=PlanSpec("module", computes=("samples",), lower=lambda node, w: VaeEncodeModule(node, w["vae"])),
+      display_name="VAE Encode")
 def vae_encode(pixels: torch.Tensor, vae):
     return ({"samples": encode_pixels(vae, pixels).cpu()},)
 
@@ -72,7 +74,7 @@ def vae_encode(pixels: torch.Tensor, vae):
 @node("VAEEncodeForInpaint",
       [SOCKET("pixels", "IMAGE"), SOCKET("vae", "VAE"), SOCKET("mask", "MASK"),
        INT("grow_mask_by", 6, min=0, max=64)],
-      ["LATENT"], category="latent/inpaint")
+      ["LATENT"], category="latent/inpaint", display_name="VAE Encode (for Inpainting)")
 def vae_encode_for_inpaint(pixels: torch.Tensor, vae, mask: torch.Tensor, grow_mask_by: int = 6):
     """Masked pixels are set to mid-grey before encoding (so the VAE sees no content there), and
     the rounded mask, grown by ``grow_mask_by`` px, becomes the sampler's noise mask."""

@@ -14,11 +14,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from kiln.kernels.errors import Interrupted
 from kiln.kernels.settings import Settings
 from kiln.runtime.errors import PlanError
 from kiln.runtime.images import WrittenImages
 from kiln.runtime.kinds import StageContext, kind_of
-from kiln.runtime.manifest import Manifest, RuntimeInput
+from kiln.runtime.manifest import Manifest, RuntimeInput, StageSpec
 from kiln.runtime.plan import LoadedPlan
 
 
@@ -36,10 +37,16 @@ class PlanRun(WrittenImages):
 
 
 def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, output_dir: str | Path = "output",
-             on_step: Callable[[str, int, int], None] | None = None, settings: Settings = Settings()) -> PlanRun:
+             on_step: Callable[[str, int, int], None] | None = None, settings: Settings = Settings(),
+             prompt: dict | None = None, extra_pnginfo: dict | None = None,
+             on_stage: Callable[[StageSpec], None] | None = None,
+             on_preview: Callable[[str, Any, float], None] | None = None) -> PlanRun:
     """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
 
-    ``on_step(stage_name, step, total)`` reports sampler progress.
+    ``on_step(stage_name, step, total)`` reports sampler progress, ``on_stage(stage)`` each stage
+    before it runs (either may raise ``Interrupted`` to stop), ``on_preview(stage_name, denoised,
+    scale_factor)`` each sampler step's prediction. Saved PNGs carry ``prompt`` (by default the
+    plan's workflow with the input values) and the ``extra_pnginfo`` chunks.
     """
     manifest = plan.manifest
     bound = bind_inputs(manifest, values or {})
@@ -51,16 +58,19 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
         for name in (*stage.outputs.values(), *stage.inputs.values()):
             last_use[name] = index
     ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
-                       prompt=workflow_with_inputs(manifest, bound), on_step=on_step, tokenizers=plan.tokenizers,
-                       settings=settings)
+                       prompt=prompt if prompt is not None else workflow_with_inputs(manifest, bound),
+                       on_step=on_step, tokenizers=plan.tokenizers, settings=settings,
+                       extra_pnginfo=extra_pnginfo, on_preview=on_preview)
     run = PlanRun(images=ctx.images)
     with torch.inference_mode():
         for index, stage in enumerate(manifest.stages):
             args = {local: env[name] for local, name in stage.inputs.items()}
+            if on_stage is not None:
+                on_stage(stage)
             start = time.perf_counter()
             try:
                 out = kind_of(stage).run(stage, args, ctx)
-            except PlanError:
+            except (PlanError, Interrupted):
                 raise
             except Exception as exc:  # named with its stage and nodes; the CLI's --debug shows the traceback
                 raise PlanError("stage_failed", f"{stage.describe()} failed: {type(exc).__name__}: {exc}") from exc

@@ -27,6 +27,8 @@ class StageContext:
     tokenizers: Mapping[str, ClipBpe] = field(default_factory=dict)  # vocabulary member -> tokenizer
     settings: Settings = field(default_factory=Settings)
     images: dict[str, list[SavedImage]] = field(default_factory=dict)   # output node id -> images written
+    extra_pnginfo: dict | None = None                            # more PNG text chunks (the UI workflow)
+    on_preview: Callable[[str, Any, float], None] | None = None  # (stage, denoised, latent scale factor)
 
 
 class StageKind:

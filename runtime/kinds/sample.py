@@ -111,9 +111,12 @@ class Sample(StageKind):
         model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, contexts, extra, float(values["cfg"]),
                                  device, inpaint=bool(stage.params.get("inpaint")))
         callback = None
-        if ctx.on_step is not None:
+        if ctx.on_step is not None or ctx.on_preview is not None:
             def callback(step: int, denoised: torch.Tensor, x: torch.Tensor, total: int) -> None:
-                ctx.on_step(stage.name, step + 1, total)
+                if ctx.on_preview is not None:
+                    ctx.on_preview(stage.name, denoised, float(values["scale_factor"]))
+                if ctx.on_step is not None:
+                    ctx.on_step(stage.name, step + 1, total)
 
         latent_format = LatentFormat("plan", float(values["scale_factor"]), int(values["latent_channels"]))
         samples = sample_latent(model, latent_format, latent, sampler_name=values["sampler_name"], sigmas=sigmas,

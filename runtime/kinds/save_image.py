@@ -25,9 +25,9 @@ class SaveImage(StageKind):
 
     def run(self, stage, args, ctx):
         if stage.params.get("preview"):
-            images = write_previews(args["images"], ctx.output_dir, ctx.prompt, None)
+            images = write_previews(args["images"], ctx.output_dir, ctx.prompt, ctx.extra_pnginfo)
         else:
             images = write_pngs(args["images"], str(self.setting(stage, args, "filename_prefix")), ctx.output_dir,
-                                ctx.prompt, None, compress_level=4)
+                                ctx.prompt, ctx.extra_pnginfo, compress_level=4)
         ctx.images.setdefault(str(stage.params["node_id"]), []).extend(images)
         return {}
