@@ -1,5 +1,5 @@
 """The ``kiln`` command line: ``kiln run workflow.json|x.plan``, ``kiln compile``, ``kiln inspect x.plan``,
-``kiln demo``.
+``kiln serve``, ``kiln demo``.
 
 Running or inspecting a plan imports only kiln.runtime (no kiln.compiler, kiln.nodes,
 diffusers or transformers), so everything else is imported lazily. The environment is read
@@ -72,7 +72,29 @@ def _parser() -> argparse.ArgumentParser:
                           help="take this widget value at run time (sampler seeds always are)")
     compile_.add_argument("--quiet", action="store_true", help="no progress output")
     compile_.set_defaults(handler=_compile)
-    for p in (run, inspect, demo, compile_):
+
+    serve = sub.add_parser("serve", help="ComfyUI's HTTP/WebSocket API, answered from plans where they match")
+    serve.add_argument("--models", type=Path, help="a ComfyUI models folder (checkpoints/, vae/, ...)")
+    serve.add_argument("--extra-model-paths", type=Path, help="ComfyUI's extra_model_paths.yaml")
+    serve.add_argument("--input-dir", type=Path, default=Path("input"), help="LoadImage's and the uploads' folder")
+    serve.add_argument("--output-dir", type=Path, default=Path("output"),
+                       help="saved images, previews (.preview/) and the history (.kiln-history.sqlite)")
+    serve.add_argument("--listen", default="127.0.0.1", help="the address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--plans", type=Path, help="serve the plans in this folder (and add compiled ones there)")
+    serve.add_argument("--compile", choices=("auto", "off"), default="off",
+                       help="auto: compile a workflow in the background once it was submitted --compile-after times")
+    serve.add_argument("--compile-after", type=int, default=3, metavar="N")
+    serve.add_argument("--max-models", type=int, metavar="N", help="keep at most N models loaded (LRU)")
+    serve.add_argument("--cache-mb", type=float, metavar="MB", help="keep at most MB of cached node outputs (LRU)")
+    serve.add_argument("--max-upload-mb", type=float, default=100.0, metavar="MB")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route")
+    serve.add_argument("--preview-method", choices=("none", "latent2rgb"), default="none",
+                       help="sampler previews as binary WebSocket frames (ComfyUI's --preview-method)")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the interpreter's)")
+    serve.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    serve.set_defaults(handler=_serve)
+    for p in (run, inspect, demo, compile_, serve):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of node failures")
     return parser
@@ -185,6 +207,17 @@ def _seconds_since_process_start() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic() - _CLI_IMPORTED
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.server.serve import ServeOptions, serve
+
+    return serve(ServeOptions(
+        models=args.models, input_dir=args.input_dir, output_dir=args.output_dir,
+        extra_model_paths=args.extra_model_paths, listen=args.listen, port=args.port, plans=args.plans,
+        compile=args.compile, compile_after=args.compile_after, max_models=args.max_models, cache_mb=args.cache_mb,
+        max_upload_mb=args.max_upload_mb, api_key=args.api_key, preview_method=args.preview_method,
+        device=args.device, dtype=args.dtype, settings=args.settings))
 
 
 def _inspect(args: argparse.Namespace) -> int:

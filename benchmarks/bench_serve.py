@@ -1,0 +1,167 @@
+"""``kiln serve`` under load on the tiny fixtures (CPU): requests/s and p50/p95 latency (POST
+/prompt to the WebSocket's ``executing node: null``) for 1, 2 and 4 concurrent clients, on the
+interpreter path and the plan path, beside the same workflow run in-process (what ``kiln run``
+spends per image once loaded), and the time from spawning the server to its first answered
+``POST /prompt``. Every prompt gets its own seed, so nothing is answered from the node cache.
+
+Usage: ``python benchmarks/bench_serve.py [--requests 8] [--results bench_serve]``.
+Writes ``benchmarks/results/<results>.json`` and ``<results>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+RESULTS = Path(__file__).parent / "results"
+CONCURRENCY = (1, 2, 4)
+
+
+def workflow(seed: int) -> dict:
+    from workflows import txt2img, variant
+
+    return variant(txt2img(steps=8), "3", seed=seed)
+
+
+def in_process(models: Path, plan: Path, work: Path, runs: int) -> dict:
+    """Seconds per image of the interpreter (models kept loaded) and of a loaded plan, warm."""
+    from kiln.compiler.interpreter import run_graph
+    from kiln.compiler.validate import validate
+    from kiln.compiler.workflow import parse_workflow
+    from kiln.kernels.settings import Settings
+    from kiln.nodes.folders import ModelFolders
+    from kiln.nodes.registry import RunContext
+    from kiln.runtime.executor import run_plan
+    from kiln.runtime.plan import load_plan
+
+    folders = ModelFolders.from_models_dir(models)
+    ctx = RunContext(models=folders, output_dir=str(work / "interp"))
+    times = {"interpreter": [], "plan": []}
+    loaded = load_plan(plan, settings=Settings(cache_dir=work / "cache"))
+    for i in range(runs + 1):
+        graph = validate(parse_workflow(workflow(1000 + i)), folders)
+        start = time.perf_counter()
+        run_graph(graph, ctx)
+        times["interpreter"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        run_plan(loaded, {"3.seed": 1000 + i}, output_dir=work / "plan")
+        times["plan"].append(time.perf_counter() - start)
+    return {engine: statistics.median(t[1:]) for engine, t in times.items()}   # the first run warms up
+
+
+def load(server, clients: int, requests_per_client: int, seed_base: int) -> dict:
+    from serve_client import Socket
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        ws = Socket(server)
+        try:
+            for r in range(requests_per_client):
+                start = time.perf_counter()
+                prompt_id = server.queue_prompt(workflow(seed_base + index * 1000 + r), client_id=ws.client_id)["prompt_id"]
+                ws.until_done(prompt_id)
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+        finally:
+            ws.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"clients": clients, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
+            "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+
+def first_answer(models: Path, work: Path, plans: Path) -> float:
+    """Seconds from spawning ``kiln serve`` to its first answered ``POST /prompt``."""
+    import requests
+    from serve_client import free_port
+    import subprocess
+
+    port = free_port()
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--models", str(models), "--input-dir",
+                                str(work / "input"), "--output-dir", str(work / "start-out"), "--port", str(port),
+                                "--plans", str(plans)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                answer = requests.post(f"http://127.0.0.1:{port}/prompt", json={"prompt": workflow(1)}, timeout=30)
+                if answer.status_code == 200:
+                    return time.perf_counter() - start
+            except requests.ConnectionError:
+                time.sleep(0.02)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def markdown(rows: list[dict], base: dict, start: float, meta: dict) -> str:
+    lines = [f"# kiln serve under load ({meta['device']}, torch {meta['torch']}, tiny SD1.5 txt2img 64², 8 steps)", "",
+             f"In-process per image (what `kiln run` spends once loaded): interpreter {base['interpreter']:.3f} s, "
+             f"plan {base['plan']:.3f} s. Server start to first answered POST /prompt: {start:.2f} s.", "",
+             "| path | clients | requests | req/s | p50 s | p95 s | p50 / in-process |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | "
+                     f"{r['p95_s']:.3f} | {r['p50_s'] / base[r['path']]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    parser.add_argument("--results", default="bench_serve")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from kiln.compiler.pipeline import compile_workflow
+    from kiln.demo import write_demo_models
+    from kiln.kernels.settings import Settings
+    from serve_client import Server
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="kiln-bench-serve-"))
+    models, plans = work / "models", work / "plans"
+    write_demo_models(models)
+    (work / "input").mkdir(parents=True, exist_ok=True)
+    plan = compile_workflow(workflow(0), models=models, output=plans / "t2i.plan",
+                            settings=Settings(cache_dir=work / "cache"))
+    base = in_process(models, plan, work, runs=5)
+    start = first_answer(models, work, plans)
+    rows = []
+    for path, extra in (("interpreter", ()), ("plan", ("--plans", str(plans)))):
+        server = Server(models, work / "input", work / f"out-{path}", *extra, cache=work / "cache")
+        try:
+            load(server, 1, 2, seed_base=10 ** 6)   # warm: models loaded, plan opened
+            for clients in CONCURRENCY:
+                rows.append({"path": path, **load(server, clients, args.requests, seed_base=clients * 10 ** 5)})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+        finally:
+            server.stop()
+    meta = {"device": f"cpu ({platform.machine()})", "torch": torch.__version__, "threads": torch.get_num_threads()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.results}.json").write_text(json.dumps({"meta": meta, "in_process_s": base,
+                                                               "start_to_first_answer_s": start, "rows": rows}, indent=1))
+    (RESULTS / f"{args.results}.md").write_text(markdown(rows, base, start, meta))
+    print(markdown(rows, base, start, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
