@@ -141,3 +141,8 @@ def _chunk(groups: list[Chunk], pad_token: int) -> list[Chunk]:
     batch.append((EOS_TOKEN, 1.0))
     batch.extend([(pad_token, 1.0)] * (MAX_LENGTH - len(batch)))
     return chunks
+
+
+def apply_weight(z: Any, z_empty: Any, weight: Any) -> Any:
+    """Prompt weighting: move a token's embedding away from the empty prompt's by ``weight``."""
+    return (z - z_empty) * weight + z_empty

@@ -10,7 +10,6 @@ import math
 from typing import Callable
 
 import numpy
-import scipy.stats
 import torch
 
 from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS
@@ -66,6 +65,8 @@ def beta(model_sampling, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> 
     """Timesteps at Beta(0.6, 0.6) quantiles (arXiv 2407.12173), consecutive duplicates dropped."""
     total_timesteps = len(model_sampling.sigmas) - 1
     quantiles = 1 - numpy.linspace(0, 1, steps, endpoint=False)
+    import scipy.stats  # imported when the beta schedule needs it: scipy.stats adds seconds to every start
+
     timesteps = numpy.rint(scipy.stats.beta.ppf(quantiles, alpha, beta_) * total_timesteps)
     sigs = []
     last_t = -1

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kiln.kernels.clip_bpe import BOS_TOKEN, EOS_TOKEN
-from kiln.nodes.models.clip import apply_weight
+from kiln.kernels.prompt_syntax import apply_weight
 from kiln.nodes.plan import NodeModule
 from kiln.nodes.registry import INT, SOCKET, STRING, PlanSpec, node
 from kiln.nodes.values import ClipHandle

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.nodes import registry
-from kiln.nodes.models.clip import apply_weight, build_clip, heads_for_width
+from kiln.kernels.prompt_syntax import apply_weight
+from kiln.nodes.models.clip import build_clip, heads_for_width
 from kiln.nodes.models.synthetic_clip import clip_state_dict
 from kiln.nodes.models.tokenizer import EOS_TOKEN
 from kiln.nodes.values import ClipHandle

@@ -233,12 +233,16 @@ def test_view_and_upload_never_leave_their_folders(server, tmp_path):
     Image.new("RGB", (2, 2)).save(secret)
     os.symlink(secret, server.output_dir / "link.png")
     assert requests.get(view, params={"filename": "link.png"}).status_code == 403
+    assert (server.output_dir / ".kiln-history.sqlite").is_file()
+    assert requests.get(view, params={"filename": ".kiln-history.sqlite"}).status_code == 404   # the server's own
     upload = server.url + "/upload/image"
     png = io.BytesIO()
     Image.new("RGB", (4, 4), (10, 20, 30)).save(png, format="PNG")
     refused = requests.post(upload, files={"image": ("../evil.png", png.getvalue())})
     assert refused.status_code == 400
     refused = requests.post(upload, files={"image": ("ok.png", png.getvalue())}, data={"subfolder": "../.."})
+    assert refused.status_code == 400
+    refused = requests.post(upload, files={"image": (".kiln-history.sqlite", png.getvalue())}, data={"type": "output"})
     assert refused.status_code == 400
     first = requests.post(upload, files={"image": ("up.png", png.getvalue())}).json()
     assert first == {"name": "up.png", "subfolder": "", "type": "input"}

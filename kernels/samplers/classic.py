@@ -8,7 +8,6 @@ in ComfyUI's float order; heunpp2 has no kernel and steps in torch. Noise comes 
 from __future__ import annotations
 
 import torch
-from scipy import integrate
 
 from .common import to_d
 from .stepper import Stepper
@@ -23,6 +22,8 @@ def dpm_2_midpoint(sigma, sigma_next):
 
 def lms_coefficient(order, sigmas, i, j):
     """Integral over [sigma_i, sigma_i+1] of the j-th Lagrange basis polynomial (scipy quad, as ComfyUI)."""
+    from scipy import integrate  # imported when lms needs it: scipy adds a second to every start
+
     def basis(tau):
         prod = 1.0
         for k in range(order):

@@ -12,6 +12,7 @@ from pathlib import Path
 from kiln.runtime.images import PREVIEW_FOLDER
 
 TYPES = ("output", "input", "temp")
+PRIVATE_PREFIX = ".kiln"   # names of the server's own files in its folders, never served
 _ANNOTATIONS = {"[output]": "output", "[input]": "input", "[temp]": "temp"}
 
 
@@ -46,6 +47,8 @@ class Folders:
         root = self.root(annotated or type_name)
         folder = _inside(root, subfolder or "", 403)
         path = folder / os.path.basename(filename)
+        if _private(root, path):
+            raise Refused(404, "no such file")
         if os.path.realpath(path) != str(path) and not _is_within(root, Path(os.path.realpath(path))):
             raise Refused(403, "the file links outside the folder")
         if not path.is_file():
@@ -60,6 +63,8 @@ class Folders:
         folder = _inside(root, os.path.normpath(subfolder or ""), 400)
         if not _is_within(root, Path(os.path.abspath(folder / filename))):
             raise Refused(400, "the file name leaves the folder")
+        if _private(root, folder / filename):
+            raise Refused(400, f"names starting with {PRIVATE_PREFIX} belong to the server")
         return folder, kind
 
 
@@ -73,6 +78,11 @@ def _annotation(filename: str) -> tuple[str, str | None]:
 def _check_name(filename: str) -> None:
     if not filename or "\0" in filename or filename[0] in "/\\" or ".." in filename or os.path.isabs(filename):
         raise Refused(400, "bad file name")
+
+
+def _private(root: Path, path: Path) -> bool:
+    """One of the server's own files (history, auto-compiled plans), which clients never touch."""
+    return any(part.startswith(PRIVATE_PREFIX) for part in path.relative_to(root).parts)
 
 
 def _is_within(root: Path, path: Path) -> bool:

@@ -7,8 +7,10 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from kiln.server.files import PRIVATE_PREFIX
+
 MAX_ENTRIES = 10000
-FILE_NAME = ".kiln-history.sqlite"
+FILE_NAME = f"{PRIVATE_PREFIX}-history.sqlite"
 
 
 class History:
@@ -18,6 +20,10 @@ class History:
         folder.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(folder / FILE_NAME), check_same_thread=False)
         self._lock = threading.Lock()
+        # WAL with NORMAL sync: a commit survives the process dying (a restart loses nothing) and
+        # costs a fraction of a millisecond on the event loop instead of a few fsyncs.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         with self._lock, self._db:
             self._db.execute("CREATE TABLE IF NOT EXISTS history "
                              "(seq INTEGER PRIMARY KEY AUTOINCREMENT, prompt_id TEXT UNIQUE, entry TEXT)")
@@ -26,8 +32,8 @@ class History:
         with self._lock, self._db:
             self._db.execute("DELETE FROM history WHERE prompt_id = ?", (prompt_id,))
             self._db.execute("INSERT INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, json.dumps(entry)))
-            self._db.execute("DELETE FROM history WHERE seq NOT IN "
-                             "(SELECT seq FROM history ORDER BY seq DESC LIMIT ?)", (MAX_ENTRIES,))
+            self._db.execute("DELETE FROM history WHERE seq < "
+                             "(SELECT seq FROM history ORDER BY seq DESC LIMIT 1 OFFSET ?)", (MAX_ENTRIES - 1,))
 
     def get(self, prompt_id: str) -> dict:
         with self._lock:

@@ -14,12 +14,13 @@ from kiln.kernels.settings import Settings
 from kiln.nodes.folders import ModelFolders
 from kiln.nodes.registry import RunContext
 from kiln.server.app import Front, FrontConfig
+from kiln.server.files import PRIVATE_PREFIX
 from kiln.server.plans import PlanCatalog
 from kiln.server.pool import LocalPool
 from kiln.server.runner import Runner, RunnerConfig
 
 log = logging.getLogger("kiln.serve")
-PLANS_FOLDER = ".kiln-plans"   # where --compile auto writes plans without --plans
+PLANS_FOLDER = f"{PRIVATE_PREFIX}-plans"   # where --compile auto writes plans without --plans
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from kiln.kernels.prompt_syntax import apply_weight
 from kiln.nodes.models.prompt_weights import Chunk, ChunkSpec, tokenize_with_weights
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
 
@@ -226,11 +227,6 @@ class ClipTextEncoder(nn.Module):
         if self.storage_dtype is not None:  # ComfyUI writes them into its fp16 embedding table
             vectors = vectors.to(self.storage_dtype)
         return ids, vectors.to(device, self.model.dtype)
-
-
-def apply_weight(z: torch.Tensor, z_empty: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Prompt weighting: move a token's embedding away from the empty prompt's by ``weight``."""
-    return (z - z_empty) * weight + z_empty
 
 
 class Clip:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import safetensors.torch
 import torch
-from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
-
 from kiln.nodes.resize import common_upscale
+
+if TYPE_CHECKING:
+    from spandrel import ImageModelDescriptor
 
 TILE = 512
 OVERLAP = 32
@@ -36,6 +37,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_upscale_model(path: str | Path, device: str | torch.device = "cpu") -> ImageModelDescriptor:
     """A spandrel single-image model in eval mode; a clear ValueError for anything else."""
+    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError  # seconds to import: only on load
+
     sd = load_state_dict(path)
     if _SWINIR_PARALLEL_KEY in sd:
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
