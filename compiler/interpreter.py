@@ -14,7 +14,7 @@ import torch
 
 from kiln.compiler.graph import Graph, Link
 from kiln.compiler.node_cache import NodeCache, signatures
-from kiln.kernels.errors import Interrupted, KilnError, Problem
+from kiln.kernels.errors import InputError, Interrupted, KilnError, Problem
 from kiln.nodes import registry
 from kiln.nodes.registry import RunContext, UiOutput
 from kiln.runtime.images import WrittenImages
@@ -88,6 +88,10 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
                 out = node_def.function(ctx, **kwargs) if node_def.needs_context else node_def.function(**kwargs)
             except (KilnError, Interrupted):
                 raise
+            except InputError as exc:
+                raise KilnError([Problem("exception_during_execution", exc.message, node_id=node_id,
+                                         class_type=node.class_type, title=node.title, input_name=exc.input_name,
+                                         expected=exc.expected, found=exc.found)]) from exc
             except Exception as exc:  # reported with the node named; --debug shows the traceback
                 raise KilnError([Problem("exception_during_execution", f"{type(exc).__name__}: {exc}",
                                          node_id=node_id, class_type=node.class_type,

@@ -57,6 +57,15 @@ class KilnError(Exception):
         super().__init__("\n".join(p.format() for p in self.problems))
 
 
+class InputError(ValueError):
+    """Raised by a node about one of its inputs (a model file that does not fit, a value it
+    cannot use); the interpreter adds the node's id and class_type to make it a Problem."""
+
+    def __init__(self, input_name: str, message: str, expected: str | None = None, found: str | None = None):
+        super().__init__(message)
+        self.input_name, self.message, self.expected, self.found = input_name, message, expected, found
+
+
 class Interrupted(Exception):
     """A run stopped on request (``POST /interrupt``) at its next node or sampler step."""
 

@@ -1,7 +1,8 @@
-"""Model loader nodes: checkpoints and standalone VAEs, read from the files themselves."""
+"""Model loader nodes: checkpoints, standalone VAEs and LoRAs, read from the files themselves."""
 from __future__ import annotations
 
-from kiln.nodes.registry import COMBO, RunContext, node
+from kiln.kernels.errors import InputError
+from kiln.nodes.registry import COMBO, FLOAT, SOCKET, RunContext, node
 
 
 def _cached(ctx: RunContext, key: tuple, load):
@@ -28,3 +29,38 @@ def vae_loader(ctx: RunContext, vae_name: str):
 
     path = ctx.models.resolve("vae", vae_name)
     return (_cached(ctx, ("vae", str(path), ctx.device), lambda: load_vae(path, device=ctx.device)),)
+
+
+def _strength(name: str) -> object:
+    return FLOAT(name, 1.0, -100.0, 100.0, 0.01)
+
+
+def _apply_lora(ctx: RunContext, model, clip, lora_name: str, strength_model: float, strength_clip: float):
+    from kiln.nodes.models.checkpoint import ModelFileError, load_state_dict
+    from kiln.nodes.models.lora import LoraFileError, load_lora_for_models
+
+    path = ctx.models.resolve("loras", lora_name)
+    try:
+        sd = _cached(ctx, ("lora", str(path)), lambda: load_state_dict(path))
+        return load_lora_for_models(sd, model, clip, strength_model, strength_clip)
+    except (LoraFileError, ModelFileError) as error:
+        raise InputError("lora_name", f"{lora_name}: {getattr(error, 'message', error)}",
+                         expected="a LoRA for this model", found=str(path)) from None
+
+
+@node("LoraLoader", [SOCKET("model", "MODEL"), SOCKET("clip", "CLIP"), COMBO("lora_name", (), folder="loras"),
+                     _strength("strength_model"), _strength("strength_clip")],
+      ("MODEL", "CLIP"), category="loaders", needs_context=True, display_name="Load LoRA")
+def lora_loader(ctx: RunContext, model, clip, lora_name: str, strength_model: float, strength_clip: float):
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    return _apply_lora(ctx, model, clip, lora_name, strength_model, strength_clip)
+
+
+@node("LoraLoaderModelOnly", [SOCKET("model", "MODEL"), COMBO("lora_name", (), folder="loras"),
+                              _strength("strength_model")],
+      ("MODEL",), category="loaders", needs_context=True, display_name="LoraLoaderModelOnly")
+def lora_loader_model_only(ctx: RunContext, model, lora_name: str, strength_model: float):
+    if strength_model == 0:
+        return (model,)
+    return (_apply_lora(ctx, model, None, lora_name, strength_model, 0.0)[0],)

@@ -17,6 +17,7 @@ Per encoder (ComfyUI key in the token dict):
 """
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from kiln.kernels.prompt_syntax import apply_weight
+from kiln.nodes.models.lora import Adapter
+from kiln.nodes.models.lora_keys import clip_lora_keys
+from kiln.nodes.models.patching import PatchedWeights
 from kiln.nodes.models.prompt_weights import Chunk, ChunkSpec, tokenize_with_weights
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
 
@@ -235,9 +239,30 @@ class Clip:
     def __init__(self, arch: str, encoders: dict[str, ClipTextEncoder], embedding_dirs: Sequence[str] = (),
                  layer_idx: int | None = None):
         self.arch = arch
-        self.encoders = encoders
+        # LoRA patches per encoder, keyed by ComfyUI's names (clip_l.transformer.text_model...).
+        self.weights = {key: PatchedWeights(enc, {f"clip_{key}.transformer.{name}": f"model.{name}"
+                                                  for name, _ in enc.model.named_parameters()}, enc.storage_dtype)
+                        for key, enc in encoders.items()}
         self.embedding_dirs = tuple(embedding_dirs)
         self.layer_idx = layer_idx
+
+    @property
+    def encoders(self) -> dict[str, ClipTextEncoder]:
+        """The text encoders with this handle's weight patches applied (computed on first use)."""
+        return {key: weights.module() for key, weights in self.weights.items()}
+
+    def with_weight_patches(self, patches: dict[str, Adapter], strength: float) -> tuple["Clip", set[str]]:
+        """A copy of this CLIP with ``patches`` added at ``strength``, and the keys it took."""
+        view, taken = copy.copy(self), set()
+        view.weights = {}
+        for key, weights in self.weights.items():
+            view.weights[key], took = weights.add(patches, strength)
+            taken |= took
+        return view, taken
+
+    def lora_keys(self) -> dict[str, str]:
+        """LoRA tensor base name -> ComfyUI key of the text-encoder weight it patches."""
+        return clip_lora_keys(key for weights in self.weights.values() for key in weights.targets)
 
     def tokenize(self, text: str) -> dict[str, list[Chunk]]:
         """Per encoder key ("l", "h", "g"): 77-token chunks of (token, weight)."""
@@ -265,7 +290,9 @@ class Clip:
 
     def clip_layer(self, layer_idx: int) -> "Clip":
         """A copy (sharing the encoders) that stops at ``layer_idx`` (CLIPSetLastLayer)."""
-        return Clip(self.arch, self.encoders, self.embedding_dirs, layer_idx)
+        view = copy.copy(self)
+        view.layer_idx = layer_idx
+        return view
 
 
 def _text_config(sd: dict[str, torch.Tensor], layout: str) -> CLIPTextConfig:

@@ -8,6 +8,7 @@ the same Linear-SiLU-Linear added to the same place, so kiln uses it and passes 
 """
 from __future__ import annotations
 
+import copy
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -15,7 +16,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from kiln.kernels.model_sampling import ModelSamplingDiscrete, nearest_timestep
 from kiln.kernels.sdxl import sdxl_vector
-from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion
+from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion, storage_key
+from kiln.nodes.models.lora import Adapter
+from kiln.nodes.models.lora_keys import UNET_KEY_PREFIX, unet_lora_keys
+from kiln.nodes.models.patching import PatchedWeights
 
 
 def _level_depths(per_block: tuple[int, ...], blocks_per_level: int, levels: int) -> list[list[int]]:
@@ -82,8 +86,9 @@ def _unet_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_unet(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
-               dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The diffusers UNet holding the checkpoint's ``model.diffusion_model.*`` weights (strict)."""
+               dtype: torch.dtype = torch.float32) -> tuple[UNet2DConditionModel, dict[str, str]]:
+    """The diffusers UNet holding the checkpoint's ``model.diffusion_model.*`` weights (strict),
+    and which of its parameters each LDM name (ComfyUI's ``diffusion_model.*`` key) became."""
     config = diffusers_config(info)
     source = _unet_part(sd)
     converted = convert_ldm_unet_checkpoint(source, config)
@@ -93,16 +98,20 @@ def build_unet(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
     check_conversion(source, converted, expected, "UNet")
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in converted.items()},
                          strict=True, assign=True)
-    return unet.eval().requires_grad_(False)
+    module_name = {storage_key(v): k for k, v in converted.items()}
+    ldm_names = {UNET_KEY_PREFIX + k[len(UNET_PREFIX):]: module_name[storage_key(v)] for k, v in source.items()}
+    return unet.eval().requires_grad_(False), ldm_names
 
 
 class DiffusionModel(torch.nn.Module):
     """MODEL: the UNet plus its parameterisation (``DiffusionModelHandle``). ``apply_model`` is
     export-safe: a plan's compiled denoiser calls it too (kiln.compiler.lower.denoiser)."""
 
-    def __init__(self, unet: UNet2DConditionModel, info: ModelInfo):
+    def __init__(self, unet: UNet2DConditionModel, info: ModelInfo, ldm_names: dict[str, str]):
         super().__init__()
-        self.unet = unet
+        self._modules["unet"] = unet     # read through the `unet` property, which applies the patches
+        self.weights = PatchedWeights(unet, ldm_names)   # LoRA patches, keyed by ComfyUI's names
+        self._patches_pending = False
         self.info = info
         self.arch = info.arch
         self.model_sampling = ModelSamplingDiscrete(info.prediction)
@@ -112,12 +121,36 @@ class DiffusionModel(torch.nn.Module):
         self.register_buffer("log_sigmas", self.model_sampling.log_sigmas.clone())
 
     @property
+    def unet(self) -> UNet2DConditionModel:
+        """The UNet with this handle's weight patches applied (computed on first use)."""
+        if self._patches_pending:
+            self._modules["unet"] = self.weights.module()
+            self._patches_pending = False
+        return self._modules["unet"]
+
+    def with_weight_patches(self, patches: dict[str, Adapter], strength: float) -> tuple["DiffusionModel", set[str]]:
+        """A copy of this MODEL with ``patches`` added at ``strength`` (ComfyUI clones the model
+        patcher and adds them), and the keys that named one of its weights."""
+        weights, taken = self.weights.add(patches, strength)
+        if not taken:
+            return self, taken
+        view = copy.copy(self)
+        view._modules = {**self._modules, "unet": weights.base}
+        view.weights = weights
+        view._patches_pending = True
+        return view, taken
+
+    def lora_keys(self) -> dict[str, str]:
+        """LoRA tensor base name -> ComfyUI key of the weight it patches."""
+        return unet_lora_keys(self.weights.targets, self.info.unet)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.weights.base.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.weights.base.device
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                     y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,4 +184,5 @@ class DiffusionModel(torch.nn.Module):
 
 def build_diffusion_model(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
                           dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    return DiffusionModel(build_unet(sd, info, device=device, dtype=dtype), info)
+    unet, ldm_names = build_unet(sd, info, device=device, dtype=dtype)
+    return DiffusionModel(unet, info, ldm_names)
