@@ -23,6 +23,21 @@ def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) ->
     return tensor
 
 
+def broadcast_image_to(tensor: torch.Tensor, target_batch_size: int, batched_number: int) -> torch.Tensor:
+    """A ControlNet hint for a model call batching ``batched_number`` conditioning entries
+    (``comfy/controlnet.py: broadcast_image_to``): one image serves all; else the first
+    per-entry share, tiled, repeated for each entry."""
+    if tensor.shape[0] == 1:
+        return tensor
+    per_batch = target_batch_size // batched_number
+    tensor = tensor[:per_batch]
+    if per_batch > tensor.shape[0]:
+        tensor = torch.cat([tensor] * (per_batch // tensor.shape[0]) + [tensor[:(per_batch % tensor.shape[0])]], dim=0)
+    if tensor.shape[0] == target_batch_size:
+        return tensor
+    return torch.cat([tensor] * batched_number, dim=0)
+
+
 def resize_to_batch_size(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Nearest-index resampling of the batch dim (ComfyUI's rule for inpaint images and masks)."""
     size = tensor.shape[0]

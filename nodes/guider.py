@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from kiln.kernels.cfg import Denoiser, Prediction, skips_uncond
 from kiln.kernels.inpaint import concat_cond
 from kiln.kernels.sdxl import size_options
 from kiln.nodes.resize import common_upscale
+
+if TYPE_CHECKING:
+    from kiln.nodes.models.controlnet import Control
 
 # Linear feather (latent px) on area edges that are not on the image border.
 _AREA_FUZZ = 8
@@ -42,6 +46,8 @@ class _Cond:
     mask_strength: float
     sigma_start: float | None               # skipped while sigma > sigma_start
     sigma_end: float | None                 # skipped while sigma < sigma_end
+    control: Control | None = None          # ControlNet(s) applied to this entry
+    control_to_uncond: bool = False         # ControlNetApply's: the negative side gets it too
 
 
 def _mask_bounds(mask: torch.Tensor) -> tuple[int, int, int, int]:
@@ -98,7 +104,8 @@ def _prepare_cond(model, tensor: torch.Tensor, d: dict, noise: torch.Tensor, lat
         c_concat = _concat_cond(model, d, noise, latent_image, denoise_mask)
     return _Cond(context=tensor, y=y, c_concat=c_concat, area=tuple(area) if area is not None else None,
                  strength=d.get("strength", 1.0), mask=mask, mask_strength=d.get("mask_strength", 1.0),
-                 sigma_start=sigma_start, sigma_end=sigma_end)
+                 sigma_start=sigma_start, sigma_end=sigma_end, control=d.get("control"),
+                 control_to_uncond=d.get("control_apply_to_uncond", False))
 
 
 def _area_inside(inner: tuple, outer: tuple) -> bool:
@@ -135,7 +142,24 @@ def prepare_conds(model, conds: dict[str, list], noise: torch.Tensor, latent_ima
             for kk in out:
                 if kk != k:
                     _add_matching_area(out[kk], c)
+    for k in out:
+        if k != "positive" and "positive" in out:
+            _share_controls([c for c in out["positive"] if c.control_to_uncond], out[k])
     return out
+
+
+def _share_controls(conds: list[_Cond], uncond: list[_Cond]) -> None:
+    """``apply_empty_x_to_equal_area`` for ControlNetApply: full-area entries of the other side
+    without a ControlNet take the positive side's, unless one of them already has one."""
+    cond_controls = [c.control for c in conds if c.area is None and c.control is not None]
+    if any(c.area is None and c.control is not None for c in uncond):
+        return
+    others = [i for i, c in enumerate(uncond) if c.area is None]
+    for x, control in enumerate(cond_controls):
+        if not others:
+            return
+        i = others[x % len(others)]
+        uncond[i] = dataclasses.replace(uncond[i], control=control)
 
 
 # --- one denoiser evaluation (comfy/samplers.py: calc_cond_batch) --------------------------
@@ -150,6 +174,7 @@ class _Entry:
     y: torch.Tensor | None
     c_concat: torch.Tensor | None
     slot: int   # index into the cond lists (0 positive, 1 negative)
+    control: Control | None
 
 
 def _entry(c: _Cond, x: torch.Tensor, sigma: torch.Tensor, slot: int) -> _Entry | None:
@@ -189,7 +214,7 @@ def _entry(c: _Cond, x: torch.Tensor, sigma: torch.Tensor, slot: int) -> _Entry 
     c_concat = c.c_concat
     if c_concat is not None and area is not None:
         c_concat = c_concat.narrow(2, area[2], area[0]).narrow(3, area[3], area[1])
-    return _Entry(input_x=input_x, mult=mult, area=area, slot=slot,
+    return _Entry(input_x=input_x, mult=mult, area=area, slot=slot, control=c.control,
                   context=repeat_to_batch_size(c.context, batch),
                   y=None if c.y is None else repeat_to_batch_size(c.y, batch),
                   c_concat=None if c_concat is None else repeat_to_batch_size(c_concat, batch))
@@ -198,7 +223,7 @@ def _entry(c: _Cond, x: torch.Tensor, sigma: torch.Tensor, slot: int) -> _Entry 
 def _can_batch(a: _Entry, b: _Entry) -> bool:
     """ComfyUI's ``can_concat_cond``: same crop shape and concatenable model inputs. Context
     lengths may differ when the LCM needs at most 4x repetition (``CONDCrossAttn.can_concat``)."""
-    if a.input_x.shape != b.input_x.shape:
+    if a.input_x.shape != b.input_x.shape or a.control is not b.control:
         return False
     s1, s2 = a.context.shape, b.context.shape
     if s1 != s2:
@@ -234,12 +259,14 @@ def calc_cond_batch(model, cond_lists: list[list[_Cond] | None], x: torch.Tensor
         batch = [to_run.pop(i) for i in batch_ids]
         ys = [e.y for e in batch]
         concats = [e.c_concat for e in batch]
-        output = model.apply_model(
-            torch.cat([e.input_x for e in batch]), torch.cat([sigma] * len(batch)),
-            context=_cat_context([e.context for e in batch]),
-            y=None if ys[0] is None else torch.cat(ys),
-            c_concat=None if concats[0] is None else torch.cat(concats),
-        ).chunk(len(batch))
+        input_x, sigmas = torch.cat([e.input_x for e in batch]), torch.cat([sigma] * len(batch))
+        context = _cat_context([e.context for e in batch])
+        y = None if ys[0] is None else torch.cat(ys)
+        control = None if first.control is None else first.control.get_control(input_x, sigmas, context, y,
+                                                                                len(batch), model)
+        output = model.apply_model(input_x, sigmas, context=context, y=y,
+                                   c_concat=None if concats[0] is None else torch.cat(concats),
+                                   control=control).chunk(len(batch))
         for e, o in zip(batch, output):
             out, count = outs[e.slot], counts[e.slot]
             if e.area is not None:

@@ -5,7 +5,7 @@ from kiln.kernels.errors import InputError
 from kiln.nodes.registry import COMBO, FLOAT, SOCKET, RunContext, node
 
 
-def _cached(ctx: RunContext, key: tuple, load):
+def load_once(ctx: RunContext, key: tuple, load):
     """Load each model file once per run (two loaders of one file share the modules)."""
     if key not in ctx.cache:
         ctx.cache[key] = load()
@@ -18,7 +18,7 @@ def checkpoint_loader_simple(ctx: RunContext, ckpt_name: str):
     from kiln.nodes.models.checkpoint import load_checkpoint
 
     path = ctx.models.resolve("checkpoints", ckpt_name)
-    return _cached(ctx, ("checkpoint", str(path), ctx.device, ctx.dtype),
+    return load_once(ctx, ("checkpoint", str(path), ctx.device, ctx.dtype),
                    lambda: tuple(load_checkpoint(path, device=ctx.device, dtype=ctx.torch_dtype)))
 
 
@@ -28,7 +28,7 @@ def vae_loader(ctx: RunContext, vae_name: str):
     from kiln.nodes.models.checkpoint import load_vae
 
     path = ctx.models.resolve("vae", vae_name)
-    return (_cached(ctx, ("vae", str(path), ctx.device), lambda: load_vae(path, device=ctx.device)),)
+    return (load_once(ctx, ("vae", str(path), ctx.device), lambda: load_vae(path, device=ctx.device)),)
 
 
 def _strength(name: str) -> object:
@@ -41,7 +41,7 @@ def _apply_lora(ctx: RunContext, model, clip, lora_name: str, strength_model: fl
 
     path = ctx.models.resolve("loras", lora_name)
     try:
-        sd = _cached(ctx, ("lora", str(path)), lambda: load_state_dict(path))
+        sd = load_once(ctx, ("lora", str(path)), lambda: load_state_dict(path))
         return load_lora_for_models(sd, model, clip, strength_model, strength_clip)
     except (LoraFileError, ModelFileError) as error:
         raise InputError("lora_name", f"{lora_name}: {getattr(error, 'message', error)}",

@@ -7,7 +7,8 @@ Socket type -> Python value (ComfyUI's own conventions, kept so parity is easy t
 - LATENT: ``dict`` with ``samples`` (raw VAE units, [B,4,h,w]) and optional ``batch_index``
   (list[int]) and ``noise_mask`` ([B,1,H,W] or [H,W] float in [0,1]).
 - IMAGE: float32 ``Tensor[B,H,W,C]`` in [0,1]; MASK: float32 ``Tensor[B,H,W]`` in [0,1].
-- MODEL / CLIP / VAE / UPSCALE_MODEL: the handles below.
+- MODEL / CLIP / VAE / UPSCALE_MODEL: the handles below; CONTROL_NET: ``models.controlnet.ControlNet``;
+  a conditioning entry's ``control``: ``models.controlnet.Control``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class DiffusionModelHandle(Protocol):
     device: torch.device
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                    y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                    y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None,
+                    control: dict | None = None) -> torch.Tensor:
         """Denoised prediction (float32, x's shape) as ComfyUI's ``BaseModel.apply_model``."""
 
     def encode_adm(self, pooled_output: torch.Tensor | None, *, width: int, height: int,

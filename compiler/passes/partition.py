@@ -181,6 +181,10 @@ class _Partition:
         inputs = {}
         for side in ("positive", "negative"):
             cond = self.values[node.inputs[side]]
+            if any("control" in entry for entry in cond.meta):
+                self._refuse(node, side, "ControlNet conditioning does not compile into plans yet; run this "
+                             "workflow with the interpreter (kiln run workflow.json)", "conditioning without "
+                             "ControlNetApply", "a ControlNet on the conditioning")
             runtime = sorted(name for name in cond.fields.values() if name not in self.c.constants)
             timed = sorted({k for entry in cond.meta for k in ("start_percent", "end_percent") if k in entry})
             if runtime or timed or model.in_channels != model.latent_format.channels:

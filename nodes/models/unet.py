@@ -153,8 +153,11 @@ class DiffusionModel(torch.nn.Module):
         return self.weights.base.device
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                    y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoised prediction as ComfyUI's ``BaseModel._apply_model`` (float32, x's shape)."""
+                    y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None,
+                    control: dict | None = None) -> torch.Tensor:
+        """Denoised prediction as ComfyUI's ``BaseModel._apply_model`` (float32, x's shape).
+        ``control``: ControlNet residuals, added to the input blocks' skips and the middle block's
+        output in the UNet's dtype (``openaimodel.apply_control``)."""
         ms = self.model_sampling
         xc = ms.calculate_input(sigma, x)
         if c_concat is not None:
@@ -164,7 +167,11 @@ class DiffusionModel(torch.nn.Module):
         context = context.to(self.device, self.dtype)
         if y is not None:
             y = y.to(self.device, self.dtype)
-        out = self.unet(xc, t, encoder_hidden_states=context, class_labels=y, return_dict=False)[0]
+        residuals = {}
+        if control is not None:
+            residuals = {"down_block_additional_residuals": tuple(r.to(self.dtype) for r in control["output"]),
+                         "mid_block_additional_residual": control["middle"][0].to(self.dtype)}
+        out = self.unet(xc, t, encoder_hidden_states=context, class_labels=y, return_dict=False, **residuals)[0]
         return ms.calculate_denoised(sigma, out.float().to(x.device), x)
 
     forward = apply_model

@@ -1,0 +1,172 @@
+"""ControlNetLoader / ControlNetApply / ControlNetApplyAdvanced: both file layouts, residuals
+checked against the UNet's own skips (an identity ControlNet built from its input half), the
+hint's resize, strength, window and chaining, and the refusals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from kiln.api import run_workflow
+from kiln.compiler.pipeline import compile_workflow
+from kiln.kernels.errors import KilnError
+from kiln.kernels.settings import Settings
+from kiln.nodes.guider import prepare_conds
+from kiln.nodes.models.checkpoint import load_checkpoint
+from kiln.nodes.models.controlnet import Control, load_controlnet
+from kiln.nodes.models.synthetic import write_checkpoint
+from controlnet_files import controlnet_state_dict, diffusers_layout
+from lora_files import read, save
+from workflows import txt2img
+
+
+def _skips(model, x, sigma, context, y):
+    """The UNet's own skip activations (conv_in's, then every down block's) and middle output."""
+    skips, middle, unet = [], [], model.unet
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: skips.append(o)),
+             unet.mid_block.register_forward_hook(lambda m, i, o: middle.append(o))]
+    hooks += [b.register_forward_hook(lambda m, i, o: skips.extend(o[1])) for b in unet.down_blocks]
+    model.apply_model(x, sigma, context, y)
+    for hook in hooks:
+        hook.remove()
+    return skips, middle[0]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_identity_controlnet_returns_the_unets_skips(arch, layout, tmp_path):
+    path = write_checkpoint(tmp_path / f"{arch}.safetensors", arch, seed=3)
+    model, _, _ = load_checkpoint(path)
+    original = controlnet_state_dict(read(path))
+    net = load_controlnet(original if layout == "original" else diffusers_layout(original), tmp_path / "cn.safetensors")
+    assert net.family == arch and not net.global_average_pooling
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 3.0])
+    context = torch.randn(2, 77, model.unet.config.cross_attention_dim, generator=g)
+    y = torch.randn(2, model.unet.config.projection_class_embeddings_input_dim, generator=g) if arch == "sdxl" else None
+    down, mid = net.residuals(x, sigma, torch.rand(2, 3, 64, 64, generator=g), context, y, model)
+    skips, middle = _skips(model, x, sigma, context, y)
+    assert len(down) == len(skips)
+    for got, want in zip(down, skips):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mid, middle, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sd1_parts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cn")
+    path = write_checkpoint(folder / "sd1.safetensors", "sd1", seed=3)
+    model, _, _ = load_checkpoint(path)
+    return model, read(path), folder
+
+
+def test_strength_window_and_chaining(sd1_parts):
+    model, sd, folder = sd1_parts
+    a = load_controlnet(controlnet_state_dict(sd, identity=False, seed=1), folder / "a.safetensors")
+    b = load_controlnet(controlnet_state_dict(sd, identity=False, seed=2), folder / "b.safetensors")
+    hint = torch.rand(1, 3, 64, 64)
+    first = Control(a, hint, 0.5, (0.0, 1.0))
+    chained = Control(b, hint, 2.0, (0.0, 0.5), previous=first)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    ms = model.model_sampling
+    early, late = torch.tensor([ms.percent_to_sigma(0.2)] * 2), torch.tensor([ms.percent_to_sigma(0.8)] * 2)
+    ra, rb = a.residuals(x, early, hint.repeat(2, 1, 1, 1), context, None, model), \
+        b.residuals(x, early, hint.repeat(2, 1, 1, 1), context, None, model)
+    out = chained.get_control(x, early, context, None, 2, model)
+    for got, da, db in zip(out["output"] + out["middle"], ra[0] + [ra[1]], rb[0] + [rb[1]]):
+        torch.testing.assert_close(got, da * 0.5 + db * 2.0)   # ComfyUI: previous + this one
+    late_out = chained.get_control(x, late, context, None, 2, model)   # b's window (0..0.5) is over
+    ra_late = a.residuals(x, late, hint.repeat(2, 1, 1, 1), context, None, model)
+    for got, da in zip(late_out["output"], ra_late[0]):
+        torch.testing.assert_close(got, da * 0.5)
+    assert Control(a, hint, 1.0, (0.9, 1.0)).get_control(x, early, context, None, 2, model) is None
+
+
+def test_a_hint_of_another_size_is_center_cropped_and_resized_nearest(sd1_parts):
+    model, sd, folder = sd1_parts
+    net = load_controlnet(controlnet_state_dict(sd), folder / "c.safetensors")
+    hint = torch.rand(1, 3, 60, 100)   # wider than the 64x64 the 8x8 latent needs
+    control = Control(net, hint, 1.0, (0.0, 1.0))
+    got = control._hint(torch.zeros(2, 4, 8, 8), 2)
+    crop = round((100 - 100 * 1.0 / (100 / 60)) / 2)   # ComfyUI's center crop to the target aspect
+    expected = F.interpolate(hint[:, :, :, crop:100 - crop], size=(64, 64), mode="nearest-exact")
+    assert got.shape == (1, 3, 64, 64) and torch.equal(got, expected)
+
+
+def test_old_apply_node_controls_the_negative_side_too(sd1_parts):
+    from kiln.nodes.controlnet import controlnet_apply
+
+    model, sd, folder = sd1_parts
+    net = load_controlnet(controlnet_state_dict(sd), folder / "d.safetensors")
+    positive = [[torch.zeros(1, 77, 32), {}]]
+    (controlled,) = controlnet_apply(positive, net, torch.rand(1, 64, 64, 3), 0.8)
+    conds = prepare_conds(model, {"positive": controlled, "negative": [[torch.zeros(1, 77, 32), {}]]},
+                          torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), None)
+    assert conds["negative"][0].control is conds["positive"][0].control is controlled[0][1]["control"]
+
+
+def _controlnet_workflow(strength=1.0, start=0.0, end=1.0, hint="hint.png") -> dict:
+    workflow = txt2img()
+    workflow.update({
+        "20": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}},
+        "21": {"class_type": "LoadImage", "inputs": {"image": hint}},
+        "22": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["6", 0], "negative": ["7", 0], "control_net": ["20", 0], "image": ["21", 0],
+            "strength": strength, "start_percent": start, "end_percent": end}},
+    })
+    workflow["3"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def cn_models(tmp_path_factory):
+    from kiln.demo import write_demo_models
+
+    root = tmp_path_factory.mktemp("cn-models")
+    write_demo_models(root)
+    base = read(root / "checkpoints" / "tiny-sd15.safetensors")
+    save(controlnet_state_dict(base, identity=False, seed=4), root / "controlnet" / "canny.safetensors")
+    inputs = tmp_path_factory.mktemp("cn-input")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(inputs / "hint.png")
+    return root, inputs
+
+
+def _image(workflow, models, inputs, out):
+    result = run_workflow(workflow, models=models, input_dir=inputs, output_dir=out)
+    return np.asarray(Image.open(result.saved[0]))
+
+
+def test_controlnet_workflow_strength_and_window(cn_models, tmp_path):
+    models, inputs = cn_models
+    plain = _image(txt2img(), models, inputs, tmp_path / "plain")
+    controlled = _image(_controlnet_workflow(), models, inputs, tmp_path / "cn")
+    assert not np.array_equal(controlled, plain)
+    assert np.array_equal(_image(_controlnet_workflow(strength=0.0), models, inputs, tmp_path / "off"), plain)
+    never = _controlnet_workflow(start=1.0, end=1.0)   # a window no step falls in
+    assert np.array_equal(_image(never, models, inputs, tmp_path / "never"), plain)
+
+
+def test_a_file_that_is_no_controlnet_is_refused(cn_models, tmp_path):
+    models, inputs = cn_models
+    (models / "controlnet" / "lora.safetensors").write_bytes((models / "checkpoints" / "tiny-sd15.safetensors")
+                                                            .read_bytes())
+    workflow = _controlnet_workflow()
+    workflow["20"]["inputs"]["control_net_name"] = "lora.safetensors"
+    with pytest.raises(KilnError) as failure:
+        run_workflow(workflow, models=models, input_dir=inputs, output_dir=tmp_path)
+    (problem,) = failure.value.problems
+    assert (problem.node_id, problem.input_name) == ("20", "control_net_name")
+    assert "expected a ControlNet" in problem.message
+
+
+def test_plans_refuse_controlnet_clearly(cn_models, tmp_path):
+    models, inputs = cn_models
+    with pytest.raises(KilnError) as failure:
+        compile_workflow(_controlnet_workflow(), models=models, input_dir=inputs, output=tmp_path / "x.plan",
+                         settings=Settings(cache_dir=tmp_path / "cache"))
+    problem = failure.value.problems[-1]
+    assert (problem.node_id, problem.input_name) == ("3", "positive") and "ControlNet" in problem.message
+    assert not (tmp_path / "x.plan").exists()
