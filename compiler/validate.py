@@ -62,7 +62,11 @@ def _check_node(graph: Graph, node: Node, node_def: NodeDef, defs: dict[str, Nod
                 problems: list[Problem]) -> Node:
     converted = dict(node.inputs)
 
+    misuse = node_def.misuse_hint(node.inputs) if node_def.misuse_hint is not None else None
+
     def problem(code: str, message: str, spec: InputSpec, **kw: Any) -> None:
+        if misuse:
+            kw["hint"] = f"{kw['hint']} {misuse}" if kw.get("hint") else misuse
         problems.append(Problem(code, message, node_id=node.id, class_type=node.class_type,
                                 title=node.title, input_name=spec.name, **kw))
 

@@ -266,7 +266,7 @@ def calc_cond_batch(model, cond_lists: list[list[_Cond] | None], x: torch.Tensor
                                                                                 len(batch), model)
         output = model.apply_model(input_x, sigmas, context=context, y=y,
                                    c_concat=None if concats[0] is None else torch.cat(concats),
-                                   control=control).chunk(len(batch))
+                                   control=control, cond_or_uncond=tuple(e.slot for e in batch)).chunk(len(batch))
         for e, o in zip(batch, output):
             out, count = outs[e.slot], counts[e.slot]
             if e.area is not None:

@@ -100,6 +100,9 @@ class NodeDef:
     # What ComfyUI's /object_info says of it: its menu name and the module defining it there.
     display_name: str | None = None
     python_module: str = "nodes"
+    # raw inputs -> a hint added to the node's validation problems, for graphs written for
+    # another node (the IPAdapter node given IPAdapterAdvanced's inputs); None when it fits.
+    misuse_hint: Callable[[dict], str | None] | None = None
 
     def __post_init__(self):
         widgets = {spec.name for spec in self.inputs if spec.is_widget}

@@ -32,7 +32,7 @@ class DiffusionModelHandle(Protocol):
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                     y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None,
-                    control: dict | None = None) -> torch.Tensor:
+                    control: dict | None = None, cond_or_uncond: tuple[int, ...] = (1, 0)) -> torch.Tensor:
         """Denoised prediction (float32, x's shape) as ComfyUI's ``BaseModel.apply_model``."""
 
     def encode_adm(self, pooled_output: torch.Tensor | None, *, width: int, height: int,

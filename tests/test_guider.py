@@ -37,7 +37,7 @@ class FakeModel:
             out = out + c_concat.sum(dim=1, keepdim=True)
         return out
 
-    def apply_model(self, x, sigma, context, y=None, c_concat=None, control=None):
+    def apply_model(self, x, sigma, context, y=None, c_concat=None, control=None, cond_or_uncond=(1, 0)):
         self.calls.append({"x": x.clone(), "sigma": sigma.clone(), "context": context.clone(),
                            "y": None if y is None else y.clone(),
                            "c_concat": None if c_concat is None else c_concat.clone()})

@@ -60,7 +60,7 @@ class EagerModel:
         self.unet = unet
         self.model_sampling = ModelSamplingDiscrete("eps")
 
-    def apply_model(self, x, sigma, context, y=None, c_concat=None, control=None):
+    def apply_model(self, x, sigma, context, y=None, c_concat=None, control=None, cond_or_uncond=(1, 0)):
         ms = self.model_sampling
         out = self.unet(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), context)
         return ms.calculate_denoised(sigma, out.float(), x)

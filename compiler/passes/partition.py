@@ -127,6 +127,10 @@ class _Partition:
 
     def _sample(self, node: Node, definition: registry.NodeDef) -> None:
         model = self._handle(node.inputs["model"])
+        if getattr(model, "ip_adapters", ()):
+            self._refuse(node, "model", "IP-Adapter models do not compile into plans yet; run this workflow "
+                         "with the interpreter (kiln run workflow.json)", "a MODEL without IP-Adapter patches",
+                         f"{len(model.ip_adapters)} IP-Adapter patch(es)")
         channels = model.latent_format.channels
         if model.in_channels not in (channels, 2 * channels + 1):
             self._refuse(node, "model", "plans take UNets with the latent's channels, or an inpainting UNet's "

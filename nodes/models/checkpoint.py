@@ -19,7 +19,7 @@ from kiln.nodes.models.unet import DiffusionModel, build_diffusion_model
 from kiln.nodes.models.vae import Vae, build_vae
 from kiln.nodes.values import ClipHandle
 
-__all__ = ["ModelFileError", "load_state_dict", "load_checkpoint", "load_vae"]
+__all__ = ["ModelFileError", "load_state_dict", "read_torch_file", "load_checkpoint", "load_vae"]
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -50,7 +50,7 @@ def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     return text.strip().split("\n\n")[0].split(". Please use")[0].strip() or type(error).__name__
 
 
-def _read_torch(path: Path) -> object:
+def read_torch_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -76,7 +76,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ModelFileError(f"expected a safetensors file, found unreadable data ({_first_line(e)})",
                                  path) from None
     elif suffix in TORCH_SUFFIXES:
-        obj = _read_torch(path)
+        obj = read_torch_file(path)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):

@@ -13,29 +13,44 @@ from torch import nn
 from kiln.nodes.models.lora import Adapter, PatchList, patched_weight
 
 
-def with_parameters(root: nn.Module, new: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``root`` sharing every submodule and tensor except the parameters named in
-    ``new`` (dotted names), which the copy holds instead; ``root`` is left untouched."""
-    copies: dict[tuple[str, ...], nn.Module] = {}
+class ShallowCopy:
+    """A copy of a module tree made on demand along the paths that change: ``module(path)`` is a
+    copy of that submodule (and of its parents) the caller may change; everything else is shared
+    with the original, which stays untouched."""
 
-    def copied(path: tuple[str, ...]) -> nn.Module:
-        if path not in copies:
+    def __init__(self, root: nn.Module):
+        self._original = root
+        self._copies: dict[tuple[str, ...], nn.Module] = {}
+
+    def _copied(self, path: tuple[str, ...]) -> nn.Module:
+        if path not in self._copies:
             if path:
-                parent = copied(path[:-1])
+                parent = self._copied(path[:-1])
                 clone = copy.copy(parent._modules[path[-1]])
                 parent._modules[path[-1]] = clone
             else:
-                clone = copy.copy(root)
+                clone = copy.copy(self._original)
             clone._modules = dict(clone._modules)
             clone._parameters = dict(clone._parameters)
-            copies[path] = clone
-        return copies[path]
+            self._copies[path] = clone
+        return self._copies[path]
 
-    result = copied(())
+    def module(self, path: str) -> nn.Module:
+        return self._copied(tuple(path.split(".")) if path else ())
+
+    @property
+    def root(self) -> nn.Module:
+        return self._copied(())
+
+
+def with_parameters(root: nn.Module, new: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``root`` sharing every submodule and tensor except the parameters named in
+    ``new`` (dotted names), which the copy holds instead; ``root`` is left untouched."""
+    tree = ShallowCopy(root)
     for name, tensor in new.items():
-        *path, leaf = name.split(".")
-        copied(tuple(path))._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    return result
+        path, _, leaf = name.rpartition(".")
+        tree.module(path)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    return tree.root
 
 
 class PatchedWeights:

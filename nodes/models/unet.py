@@ -111,6 +111,8 @@ class DiffusionModel(torch.nn.Module):
         super().__init__()
         self._modules["unet"] = unet     # read through the `unet` property, which applies the patches
         self.weights = PatchedWeights(unet, ldm_names)   # LoRA patches, keyed by ComfyUI's names
+        self.ip_adapters: tuple = ()                     # IPAdapterPatch, in application order
+        self._call_state = None                          # what the IP-Adapter attentions read per call
         self._patches_pending = False
         self.info = info
         self.arch = info.arch
@@ -124,7 +126,13 @@ class DiffusionModel(torch.nn.Module):
     def unet(self) -> UNet2DConditionModel:
         """The UNet with this handle's weight patches applied (computed on first use)."""
         if self._patches_pending:
-            self._modules["unet"] = self.weights.module()
+            module = self.weights.module()
+            if self.ip_adapters:
+                from kiln.nodes.models.ip_attention import CallState, install
+
+                self._call_state = CallState()
+                module = install(module, self.ip_adapters, self.arch == "sdxl", self._call_state)
+            self._modules["unet"] = module
             self._patches_pending = False
         return self._modules["unet"]
 
@@ -140,6 +148,18 @@ class DiffusionModel(torch.nn.Module):
         view._patches_pending = True
         return view, taken
 
+    def with_ip_adapter(self, patch) -> "DiffusionModel":
+        """A copy of this MODEL whose cross-attentions also add ``patch``'s image tokens (after
+        any IP-Adapter already applied), as ``ipadapter_execute`` patches a model clone."""
+        from kiln.nodes.models.ip_attention import check_fits
+
+        check_fits(self.weights.base, patch, self.arch == "sdxl")
+        view = copy.copy(self)
+        view._modules = {**self._modules, "unet": self.weights.base}
+        view.ip_adapters = self.ip_adapters + (patch,)
+        view._patches_pending = True
+        return view
+
     def lora_keys(self) -> dict[str, str]:
         """LoRA tensor base name -> ComfyUI key of the weight it patches."""
         return unet_lora_keys(self.weights.targets, self.info.unet)
@@ -154,10 +174,16 @@ class DiffusionModel(torch.nn.Module):
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                     y: torch.Tensor | None = None, c_concat: torch.Tensor | None = None,
-                    control: dict | None = None) -> torch.Tensor:
+                    control: dict | None = None, cond_or_uncond: tuple[int, ...] = (1, 0)) -> torch.Tensor:
         """Denoised prediction as ComfyUI's ``BaseModel._apply_model`` (float32, x's shape).
         ``control``: ControlNet residuals, added to the input blocks' skips and the middle block's
-        output in the UNet's dtype (``openaimodel.apply_control``)."""
+        output in the UNet's dtype (``openaimodel.apply_control``). ``cond_or_uncond``: which CFG
+        side each batch chunk is (0 positive, 1 negative), for the IP-Adapter attentions."""
+        unet = self.unet
+        if self._call_state is not None:
+            self._call_state.sigma = float(sigma.reshape(-1)[0])
+            self._call_state.cond_or_uncond = tuple(cond_or_uncond)
+            self._call_state.latent_shape = tuple(x.shape)
         ms = self.model_sampling
         xc = ms.calculate_input(sigma, x)
         if c_concat is not None:
@@ -171,7 +197,7 @@ class DiffusionModel(torch.nn.Module):
         if control is not None:
             residuals = {"down_block_additional_residuals": tuple(r.to(self.dtype) for r in control["output"]),
                          "mid_block_additional_residual": control["middle"][0].to(self.dtype)}
-        out = self.unet(xc, t, encoder_hidden_states=context, class_labels=y, return_dict=False, **residuals)[0]
+        out = unet(xc, t, encoder_hidden_states=context, class_labels=y, return_dict=False, **residuals)[0]
         return ms.calculate_denoised(sigma, out.float().to(x.device), x)
 
     forward = apply_model
