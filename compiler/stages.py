@@ -53,6 +53,7 @@ class StagedProgram:
     workflow: dict             # the source API workflow (for PNG "prompt" chunks)
     target: dict               # {"device": "cpu", "dtype": "fp32", "backend": "aoti"}
     layouts: dict[str, str] = field(default_factory=dict)   # env name -> "latent" | "image" | "tokens"
+    patchable: list = field(default_factory=list)   # lora_targets.PatchableGroup: weights a LoRA may patch
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Compilation:
     inputs: tuple[RuntimeInput, ...] = ()
     runtime_nodes: tuple[str, ...] = ()          # nodes that run in stages, in topological order
     handles: dict[str, tuple] = field(default_factory=dict)      # model node -> compile-time outputs
+    folded_clips: tuple[tuple[str, Any], ...] = ()               # (folded node, the CLIP it read)
     # Where socket values live at run time: folded outputs run-time nodes read (fold_constants),
     # then every value a stage reads (partition_stages).
     values: dict[Link, EnvValue] = field(default_factory=dict)
@@ -102,6 +104,8 @@ class Compilation:
     stages: tuple[Stage, ...] = ()
 
     def program(self) -> StagedProgram:
+        from kiln.compiler.lower.lora_targets import patchable_groups   # imports the model modules
+
         layouts = {name: LAYOUTS[(value.type, field)] for value in self.values.values()
                    for field, name in value.fields.items() if (value.type, field) in LAYOUTS}
         layouts.update({stage.outputs["tokens"]: "tokens" for stage in self.stages if stage.kind == "tokenize"})
@@ -110,7 +114,8 @@ class Compilation:
             folded=list(self.folded), dropped_models=list(self.dropped_models),
             workflow=self.graph.source or {},
             target={"device": self.options.device, "dtype": self.options.dtype,
-                    "backend": self.options.backend}, layouts=layouts)
+                    "backend": self.options.backend}, layouts=layouts,
+            patchable=patchable_groups(self.handles, self.folded_clips))
 
 
 def flatten(socket_type: str, value: Any) -> tuple[dict[str, torch.Tensor], Any]:

@@ -113,6 +113,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--timings", action="store_true",
                    help="plans: print load time, time per stage and process-start-to-image time")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:CLIP_STRENGTH]]",
+                   help="plans: apply a LoRA to the plan's weights as it loads (no recompilation), after the "
+                        "plan's own; repeatable, applied in order")
     p.add_argument("--provider", choices=("tensorrt", "cuda", "cpu"),
                    help="ONNX plans: force this onnxruntime execution provider (default: TensorRT, then CUDA, "
                         "for a CUDA plan where available, else CPU)")
@@ -123,6 +126,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     if _is_plan(args.workflow):
         return _run_plan(args)
+    if args.lora:
+        raise KilnError([Problem("invalid_option", "--lora applies to compiled plans", input_name="--lora",
+                                 expected="a LoraLoader node in the workflow (or a .plan file)",
+                                 found=" ".join(args.lora))])
     from kiln.api import run_workflow
     from kiln.progress import ProgressBars, timing_summary
 
@@ -168,9 +175,11 @@ def _is_plan(path: Path) -> bool:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from kiln.runtime.executor import run_plan, seed_values
+    from kiln.runtime.lora import LoraSpec
     from kiln.runtime.plan import load_plan
 
-    plan = load_plan(args.workflow, provider=args.provider, settings=args.settings)
+    plan = load_plan(args.workflow, provider=args.provider, settings=args.settings,
+                     loras=[LoraSpec.parse(text) for text in args.lora])
     values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
     for item in args.set:
         parsed = _split_set(item)
@@ -190,7 +199,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.timings:
         stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
         provider = f" ({plan.providers[0]})" if plan.providers else ""
-        print(f"load {plan.load_seconds:.2f}s{provider}; stages: {stages}; "
+        patch = f", LoRA patch {plan.patch_seconds:.2f}s" if plan.loras else ""
+        print(f"load {plan.load_seconds:.2f}s{provider}{patch}; stages: {stages}; "
               f"total {sum(t.seconds for t in result.timings):.2f}s; "
               f"process start to image {_seconds_since_process_start():.2f}s", file=sys.stderr)
     for path in result.saved:

@@ -37,7 +37,8 @@ def _strength(name: str) -> object:
 
 def _apply_lora(ctx: RunContext, model, clip, lora_name: str, strength_model: float, strength_clip: float):
     from kiln.nodes.models.checkpoint import ModelFileError, load_state_dict
-    from kiln.nodes.models.lora import LoraFileError, load_lora_for_models
+    from kiln.kernels.lora import LoraFileError
+    from kiln.nodes.models.lora import load_lora_for_models
 
     path = ctx.models.resolve("loras", lora_name)
     try:

@@ -16,6 +16,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
 from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds import KINDS
+from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
 from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest,
                                    parse_manifest)
 from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
@@ -174,10 +176,14 @@ class LoadedPlan:
     load_seconds: float
     providers: list[str] = field(default_factory=list)   # ONNX plans: onnxruntime's, best first
     tokenizers: dict[str, ClipBpe] = field(default_factory=dict)   # vocabulary member -> tokenizer
+    loras: tuple[LoraSpec, ...] = ()                     # applied to the weights at load
+    patch_seconds: float = 0.0                           # of load_seconds, reading and applying them
 
 
-def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings()) -> LoadedPlan:
-    """Verify (format, versions, device, member hashes), then map weights and load the artifacts.
+def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings(),
+              loras: Sequence[LoraSpec] = ()) -> LoadedPlan:
+    """Verify (format, versions, device, member hashes), then map weights, apply ``loras`` to
+    them (``kiln.runtime.lora``) and load the artifacts.
 
     ``provider`` forces an onnxruntime execution provider for an ONNX plan (``cuda``,
     ``TensorrtExecutionProvider``, ...): PlanError when it is not available, never a fallback.
@@ -196,6 +202,10 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
     weights = reader.tensors(WEIGHTS_MEMBER)
     if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
+    patch_start = time.perf_counter()
+    table = read_table(reader.member(LORA_MEMBER)) if loras and LORA_MEMBER in reader.entries else None
+    overrides = lora_overrides(weights, {s.name: s.constant_names for s in manifest.stages}, table, loras)
+    patch_seconds = time.perf_counter() - patch_start
     compiled, loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
     for stage in manifest.stages:
         if stage.artifact is None:
@@ -204,9 +214,11 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
         if absent:
             raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
                             found=", ".join(absent[:8]))
-        key = (stage.artifact, tuple(sorted(stage.constant_names.items())))
+        patched = overrides.get(stage.name, {})
+        key = (stage.artifact, tuple(sorted(stage.constant_names.items())),
+               tuple(sorted((fqn, id(t)) for fqn, t in patched.items())))
         if key not in loaded:
-            stage_weights = {fqn: weights[k] for fqn, k in stage.constant_names.items()}
+            stage_weights = {fqn: patched.get(fqn, weights[k]) for fqn, k in stage.constant_names.items()}
             if onnx:
                 loaded[key] = OnnxStage(bytes(reader.member(stage.artifact)), stage_weights, providers, device,
                                         stage.describe(), settings.artifact_cache)
@@ -217,7 +229,7 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
         compiled[stage.name] = loaded[key]
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
-                      providers, _tokenizers(reader))
+                      providers, _tokenizers(reader), tuple(loras), patch_seconds)
 
 
 def _tokenizers(reader: PlanReader) -> dict[str, ClipBpe]:

@@ -11,6 +11,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 UNET = "model.diffusion_model."
+SD1_CLIP = "cond_stage_model.transformer.text_model.encoder.layers."
 CLIP_KINDS = {"self_attn.q_proj": "self_attn_q_proj", "self_attn.k_proj": "self_attn_k_proj",
               "self_attn.v_proj": "self_attn_v_proj", "self_attn.out_proj": "self_attn_out_proj",
               "mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2"}
@@ -67,3 +68,58 @@ def add_into(merged: dict[str, torch.Tensor], key: str, rows: slice | None, delt
     else:
         weight[rows] += delta
     merged[key] = weight
+
+
+def kohya_everything(base: dict, strength_model: float, strength_clip: float, generator):
+    """A kohya LoRA over every UNet weight (LoRA on matrices and kernels, ``.diff`` on vectors)
+    and every CLIP-L layer, with the merged checkpoint it must equal."""
+    lora, merged = {}, dict(base)
+    for i, (key, weight) in enumerate((k, v) for k, v in base.items() if k.startswith(UNET)):
+        name = "lora_unet_" + key[len(UNET):].rsplit(".", 1)[0].replace(".", "_")
+        if key.endswith(".bias") or weight.dim() == 1:
+            diff = torch.randn(weight.shape, generator=generator) * 0.01
+            suffix = ".diff_b" if key.endswith(".bias") else ".diff"
+            lora[name + suffix] = diff
+            add_into(merged, key, None, strength_model * diff.float())
+            continue
+        up, down = factors(weight.shape, 2, generator)
+        alpha = 1.0 if i % 2 else None
+        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down})
+        if alpha is not None:
+            lora[name + ".alpha"] = torch.tensor(alpha)
+        add_into(merged, key, None, lora_delta(up, down, weight.shape, alpha, strength_model))
+    for key in [k for k in base if k.startswith(SD1_CLIP) and k.endswith(".weight")]:
+        block, kind = key[len(SD1_CLIP):-len(".weight")].split(".", 1)
+        if kind not in CLIP_KINDS:
+            continue
+        up, down = factors(base[key].shape, 3, generator)
+        name = f"lora_te_text_model_encoder_layers_{block}_{CLIP_KINDS[kind]}"
+        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down,
+                     name + ".alpha": torch.tensor(1.5)})
+        add_into(merged, key, None, lora_delta(up, down, base[key].shape, 1.5, strength_clip))
+    return lora, merged
+
+
+def with_loras(workflow: dict, *loras: tuple[str, float, float]) -> dict:
+    """``workflow`` with LoraLoaders chained between its checkpoint and its users."""
+    model, clip = ["4", 0], ["4", 1]
+    for i, (name, strength_model, strength_clip) in enumerate(loras):
+        node_id = str(30 + i)
+        workflow[node_id] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": name, "strength_model": strength_model,
+            "strength_clip": strength_clip}}
+        model, clip = [node_id, 0], [node_id, 1]
+    workflow["3"]["inputs"]["model"] = model
+    workflow["6"]["inputs"]["clip"] = clip
+    workflow["7"]["inputs"]["clip"] = clip
+    return workflow
+
+
+def whole_unet_lora(base: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A kohya LoRA over every matrix and kernel of a checkpoint's UNet (made for that model only)."""
+    lora = {}
+    for ldm in (k for k in base if k.startswith(UNET) and base[k].dim() > 1):
+        up, down = factors(base[ldm].shape, 2, generator)
+        name = "lora_unet_" + ldm[len(UNET):-len(".weight")].replace(".", "_")
+        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down})
+    return lora

@@ -16,11 +16,9 @@ from kiln.nodes.models.detect import detect_model
 from kiln.nodes.models.lora import load_lora_for_models
 from kiln.nodes.models.synthetic import write_checkpoint
 from kiln.nodes.models.unet import diffusers_config
-from lora_files import CLIP_KINDS, UNET, add_into, factors, lora_delta, openclip_slice, read, save, unet_diffusers_names
+from lora_files import (CLIP_KINDS, SD1_CLIP, UNET, add_into, factors, kohya_everything, lora_delta, openclip_slice,
+                        read, save, unet_diffusers_names, whole_unet_lora, with_loras)
 from workflows import txt2img
-
-SD1_CLIP = "cond_stage_model.transformer.text_model.encoder.layers."
-
 
 def _same_weights(a, b) -> None:
     (model_a, clip_a), (model_b, clip_b) = a, b
@@ -45,39 +43,9 @@ def sd1(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("lora") / "sd1.safetensors", "sd1", seed=11)
 
 
-def _kohya_everything(base: dict, strength_model: float, strength_clip: float, generator):
-    """A kohya LoRA over every UNet weight (LoRA on matrices and kernels, ``.diff`` on vectors)
-    and every CLIP-L layer, with the merged checkpoint it must equal."""
-    lora, merged = {}, dict(base)
-    for i, (key, weight) in enumerate((k, v) for k, v in base.items() if k.startswith(UNET)):
-        name = "lora_unet_" + key[len(UNET):].rsplit(".", 1)[0].replace(".", "_")
-        if key.endswith(".bias") or weight.dim() == 1:
-            diff = torch.randn(weight.shape, generator=generator) * 0.01
-            suffix = ".diff_b" if key.endswith(".bias") else ".diff"
-            lora[name + suffix] = diff
-            add_into(merged, key, None, strength_model * diff.float())
-            continue
-        up, down = factors(weight.shape, 2, generator)
-        alpha = 1.0 if i % 2 else None
-        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down})
-        if alpha is not None:
-            lora[name + ".alpha"] = torch.tensor(alpha)
-        add_into(merged, key, None, lora_delta(up, down, weight.shape, alpha, strength_model))
-    for key in [k for k in base if k.startswith(SD1_CLIP) and k.endswith(".weight")]:
-        block, kind = key[len(SD1_CLIP):-len(".weight")].split(".", 1)
-        if kind not in CLIP_KINDS:
-            continue
-        up, down = factors(base[key].shape, 3, generator)
-        name = f"lora_te_text_model_encoder_layers_{block}_{CLIP_KINDS[kind]}"
-        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down,
-                     name + ".alpha": torch.tensor(1.5)})
-        add_into(merged, key, None, lora_delta(up, down, base[key].shape, 1.5, strength_clip))
-    return lora, merged
-
-
 def test_kohya_ldm_names_patch_every_weight_as_the_merged_checkpoint(sd1, tmp_path):
     base = read(sd1)
-    lora, merged = _kohya_everything(base, 0.8, 0.6, torch.Generator().manual_seed(0))
+    lora, merged = kohya_everything(base, 0.8, 0.6, torch.Generator().manual_seed(0))
     model, clip = _loaded(sd1)
     patched = load_lora_for_models(lora, model, clip, 0.8, 0.6)
     _same_weights(patched, _loaded(save(merged, tmp_path / "merged.safetensors")))
@@ -242,25 +210,10 @@ def lora_models(models_dir, tmp_path, sd1):
     root = tmp_path / "models"
     write_demo_models(root)
     (root / "checkpoints" / "base.safetensors").write_bytes(sd1.read_bytes())
-    lora, merged = _kohya_everything(read(sd1), 0.8, 0.6, torch.Generator().manual_seed(6))
+    lora, merged = kohya_everything(read(sd1), 0.8, 0.6, torch.Generator().manual_seed(6))
     save(lora, root / "loras" / "style.safetensors")
     save(merged, root / "checkpoints" / "merged.safetensors")
     return root
-
-
-def _with_loras(workflow: dict, *loras: tuple[str, float, float]) -> dict:
-    """``workflow`` with LoraLoaders chained between its checkpoint and its users."""
-    model, clip = ["4", 0], ["4", 1]
-    for i, (name, strength_model, strength_clip) in enumerate(loras):
-        node_id = str(30 + i)
-        workflow[node_id] = {"class_type": "LoraLoader", "inputs": {
-            "model": model, "clip": clip, "lora_name": name, "strength_model": strength_model,
-            "strength_clip": strength_clip}}
-        model, clip = [node_id, 0], [node_id, 1]
-    workflow["3"]["inputs"]["model"] = model
-    workflow["6"]["inputs"]["clip"] = clip
-    workflow["7"]["inputs"]["clip"] = clip
-    return workflow
 
 
 def _image(workflow, models, out):
@@ -269,12 +222,12 @@ def _image(workflow, models, out):
 
 
 def test_lora_workflow_renders_the_merged_checkpoints_image(lora_models, tmp_path):
-    with_lora = _image(_with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.6)), lora_models,
+    with_lora = _image(with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.6)), lora_models,
                        tmp_path / "a")
     merged = _image(txt2img("merged.safetensors"), lora_models, tmp_path / "b")
     plain = _image(txt2img("base.safetensors"), lora_models, tmp_path / "c")
     assert np.array_equal(with_lora, merged) and not np.array_equal(with_lora, plain)
-    off = _image(_with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.0, 0.0)), lora_models,
+    off = _image(with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.0, 0.0)), lora_models,
                  tmp_path / "d")
     assert np.array_equal(off, plain)   # both strengths 0: the inputs pass through
 
@@ -297,14 +250,8 @@ def _problem(workflow, models, tmp_path):
 
 def test_a_lora_for_another_model_is_refused_naming_the_node(lora_models, tmp_path):
     sdxl = write_checkpoint(tmp_path / "sdxl.safetensors", "sdxl", seed=7)
-    base = read(sdxl)
-    lora, g = {}, torch.Generator().manual_seed(0)
-    for ldm in (k for k in base if k.startswith(UNET) and base[k].dim() > 1):   # an SDXL LoRA over the whole UNet
-        up, down = factors(base[ldm].shape, 2, g)
-        name = "lora_unet_" + ldm[len(UNET):-len(".weight")].replace(".", "_")
-        lora.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down})
-    save(lora, lora_models / "loras" / "xl.safetensors")
-    problem = _problem(_with_loras(txt2img("base.safetensors"), ("xl.safetensors", 1.0, 1.0)), lora_models, tmp_path)
+    save(whole_unet_lora(read(sdxl), torch.Generator().manual_seed(0)), lora_models / "loras" / "xl.safetensors")
+    problem = _problem(with_loras(txt2img("base.safetensors"), ("xl.safetensors", 1.0, 1.0)), lora_models, tmp_path)
     assert (problem.node_id, problem.class_type, problem.input_name) == ("30", "LoraLoader", "lora_name")
     assert "made for another model" in problem.message and "xl.safetensors" in problem.message
     assert not list(tmp_path.glob("*.png"))
@@ -313,14 +260,14 @@ def test_a_lora_for_another_model_is_refused_naming_the_node(lora_models, tmp_pa
 def test_a_file_that_is_no_lora_is_refused(lora_models, tmp_path):
     (lora_models / "loras" / "ckpt.safetensors").write_bytes((lora_models / "checkpoints" / "base.safetensors")
                                                               .read_bytes())
-    problem = _problem(_with_loras(txt2img("base.safetensors"), ("ckpt.safetensors", 1.0, 1.0)), lora_models, tmp_path)
+    problem = _problem(with_loras(txt2img("base.safetensors"), ("ckpt.safetensors", 1.0, 1.0)), lora_models, tmp_path)
     assert problem.input_name == "lora_name" and "none of its" in problem.message
     save({"x.oft_blocks": torch.zeros(2, 2, 2)}, lora_models / "loras" / "oft.safetensors")
-    problem = _problem(_with_loras(txt2img("base.safetensors"), ("oft.safetensors", 1.0, 1.0)), lora_models, tmp_path)
+    problem = _problem(with_loras(txt2img("base.safetensors"), ("oft.safetensors", 1.0, 1.0)), lora_models, tmp_path)
     assert "OFT" in problem.message
 
 
 def test_a_missing_lora_names_the_folders_searched(lora_models, tmp_path):
-    problem = _problem(_with_loras(txt2img("base.safetensors"), ("nope.safetensors", 1.0, 1.0)), lora_models, tmp_path)
+    problem = _problem(with_loras(txt2img("base.safetensors"), ("nope.safetensors", 1.0, 1.0)), lora_models, tmp_path)
     assert problem.node_id == "30" and problem.input_name == "lora_name"
     assert "style.safetensors" in problem.format()   # what the folder does hold

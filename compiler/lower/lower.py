@@ -11,6 +11,7 @@ exported that way is exported again with only the driven dims dynamic.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ import torch
 from torch._dynamo.exc import UserError
 
 from kiln.compiler.lower.cache import compiled_artifact
+from kiln.compiler.lower.lora_targets import lora_table
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
                                         export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
@@ -29,6 +31,7 @@ from kiln.nodes.models.tokenizer import clip_merge_file
 from kiln.nodes.plan import NeedsStaticShapes
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.kinds.sample import sdxl_y
+from kiln.runtime.lora import LORA_MEMBER
 from kiln.runtime.manifest import RuntimeInput
 from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
@@ -55,14 +58,19 @@ def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress 
     target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
     writer = PlanWriter(output, backend=target["backend"], cache=cache)
     compiled = [s for s in program.stages if KINDS[s.kind].compiled]
+    stage_constants = {}
     for index, stage in enumerate(compiled):
         if progress is not None:
             progress(stage.name, index, len(compiled))
         ep = _export(stage, walks)
         data, _ = compiled_artifact(ep, target, cache, onnx_compile if onnx else aoti_compile)
-        writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
-                            constant_names=initializer_names(data) if onnx else None)
+        names = writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
+                                    constant_names=initializer_names(data) if onnx else None)
+        stage_constants[stage.name] = {fqn: t for fqn, t in constant_tensors(ep).items() if fqn in names}
         del ep
+    table = lora_table(program.patchable, stage_constants)
+    if table is not None:
+        writer.add_file(LORA_MEMBER, json.dumps(table, sort_keys=True).encode())
     if progress is not None:
         progress("plan", len(compiled), len(compiled))
     writer.add_constants(program.constants)

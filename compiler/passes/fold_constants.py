@@ -20,7 +20,8 @@ def fold_constants(c: Compilation) -> Compilation:
     but are never constants. Guarantees: ``runtime_nodes`` lists the run-time nodes in
     execution order; every folded output a run-time node reads is in ``values`` with its
     tensors in ``constants`` as ``const.<node>.<slot>.<field>`` (CPU copies); every model
-    output a run-time node reads has its handle in ``handles``; ``dropped_models`` names the
+    output a run-time node reads has its handle in ``handles``; ``folded_clips`` pairs each folded
+    node that read a CLIP with it (a LoRA applied at load cannot reach those); ``dropped_models`` names the
     model parts (file and output type) only folded nodes used, which the plan leaves out.
     """
     graph = c.graph
@@ -41,11 +42,13 @@ def fold_constants(c: Compilation) -> Compilation:
     live = sorted({link.node_id for link in read_at_runtime if link.node_id in models
                    and link.node_id not in runtime}, key=order.index)
     targets = sorted({link.node_id for link in boundary} | set(live), key=order.index)
+    clip_reads = [(node_id, link) for node_id in folded for spec in defs[node_id].inputs if spec.type == "CLIP"
+                  for link in [graph.nodes[node_id].inputs.get(spec.name)] if isinstance(link, Link)]
     outputs = {}
     if targets:
         ctx = RunContext(models=c.options.models, input_dir=c.options.input_dir, device=c.options.device,
                          dtype=c.options.dtype, prompt=graph.source, settings=c.options.settings)
-        outputs = run_graph(graph, ctx, targets=targets).outputs
+        outputs = run_graph(graph, ctx, targets=targets, keep={link.node_id for _, link in clip_reads}).outputs
 
     values, constants = {}, {}
     for link in boundary:
@@ -58,6 +61,8 @@ def fold_constants(c: Compilation) -> Compilation:
                          "outputs": [env for link, v in values.items() if link.node_id == node_id
                                      for env in v.fields.values()]} for node_id in folded)
     return replace(c, runtime_nodes=tuple(runtime), handles={node_id: outputs[node_id] for node_id in live},
+                   folded_clips=tuple((node_id, outputs[link.node_id][link.slot]) for node_id, link in clip_reads
+                                      if link.node_id in outputs),
                    values=values, constants=constants, folded=folded_info,
                    dropped_models=tuple(_dropped_models(c, order, defs, runtime, folded)))
 

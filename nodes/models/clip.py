@@ -28,7 +28,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from kiln.kernels.prompt_syntax import apply_weight
-from kiln.nodes.models.lora import Adapter
+from kiln.kernels.lora import Adapter
 from kiln.nodes.models.lora_keys import clip_lora_keys
 from kiln.nodes.models.patching import PatchedWeights
 from kiln.nodes.models.prompt_weights import Chunk, ChunkSpec, tokenize_with_weights

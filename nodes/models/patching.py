@@ -10,7 +10,7 @@ import threading
 import torch
 from torch import nn
 
-from kiln.nodes.models.lora import Adapter, PatchList, patched_weight
+from kiln.kernels.lora import Adapter, PatchList, patched_weight
 
 
 class ShallowCopy:

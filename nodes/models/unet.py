@@ -17,7 +17,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from kiln.kernels.model_sampling import ModelSamplingDiscrete, nearest_timestep
 from kiln.kernels.sdxl import sdxl_vector
 from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion, storage_key
-from kiln.nodes.models.lora import Adapter
+from kiln.kernels.lora import Adapter
 from kiln.nodes.models.lora_keys import UNET_KEY_PREFIX, unet_lora_keys
 from kiln.nodes.models.patching import PatchedWeights
 
