@@ -1,6 +1,6 @@
 """The compiler pipeline: a workflow through the passes into one plan file.
 
-    validate -> dead_nodes -> runtime_inputs -> merge_identical -> fold_constants
+    validate -> dead_nodes -> runtime_inputs -> runtime_loras -> merge_identical -> fold_constants
              -> partition_stages -> fuse_stages -> build_modules -> lower (plan file)
 
 The order rules are data (``PASS_ORDER``, pairwise like torch.fx's ``this_before_that`` pass
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kiln.compiler.passes import (build_modules, dead_nodes, fold_constants, fuse_stages, merge_identical,
-                                  partition_stages, runtime_inputs)
+                                  partition_stages, runtime_inputs, runtime_loras)
 from kiln.compiler.stages import Compilation, CompileOptions
 from kiln.compiler.validate import validate as validate_graph
 from kiln.compiler.workflow import load_workflow, parse_workflow
@@ -45,7 +45,7 @@ def validate(c: Compilation) -> Compilation:
     return replace(c, graph=validate_graph(c.graph, c.options.models, c.options.input_dir))
 
 
-PASSES: list[Pass] = [validate, dead_nodes, runtime_inputs, merge_identical, fold_constants,
+PASSES: list[Pass] = [validate, dead_nodes, runtime_inputs, runtime_loras, merge_identical, fold_constants,
                       partition_stages, fuse_stages, build_modules]
 
 # (earlier, later, why): where both are in a pass list, ``earlier`` must come first.
@@ -55,6 +55,8 @@ PASS_ORDER: list[tuple[Pass, Pass, str]] = [
     (runtime_inputs, merge_identical, "a node with a runtime input must never merge with a twin"),
     (merge_identical, fold_constants, "identical subgraphs fold (and load their models) once"),
     (runtime_inputs, fold_constants, "folding must know which nodes run at run time"),
+    (runtime_inputs, runtime_loras, "a LoRA is applied at run time when one of its inputs is a runtime input"),
+    (runtime_loras, merge_identical, "a runtime LoRA's readers must read the weights it patches before merging"),
     (fold_constants, partition_stages, "stages are made of the run-time nodes only"),
     (partition_stages, fuse_stages, "fusion merges stages"),
     (fuse_stages, build_modules, "a fused stage gets one module"),

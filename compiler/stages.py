@@ -94,7 +94,8 @@ class Compilation:
     inputs: tuple[RuntimeInput, ...] = ()
     runtime_nodes: tuple[str, ...] = ()          # nodes that run in stages, in topological order
     handles: dict[str, tuple] = field(default_factory=dict)      # model node -> compile-time outputs
-    folded_clips: tuple[tuple[str, Any], ...] = ()               # (folded node, the CLIP it read)
+    folded_clips: tuple[tuple[str, str, Any], ...] = ()          # (folded node, CLIP source, the CLIP)
+    runtime_loras: tuple[Node, ...] = ()         # LoRA nodes applied at run time (runtime_loras pass)
     # Where socket values live at run time: folded outputs run-time nodes read (fold_constants),
     # then every value a stage reads (partition_stages).
     values: dict[Link, EnvValue] = field(default_factory=dict)

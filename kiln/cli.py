@@ -119,8 +119,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", choices=("tensorrt", "cuda", "cpu"),
                    help="ONNX plans: force this onnxruntime execution provider (default: TensorRT, then CUDA, "
                         "for a CUDA plan where available, else CPU)")
-    p.epilog = ("A plan runs on the device and dtype it was compiled for; --models/--device/--dtype apply to "
-                "workflows, --provider to ONNX plans.")
+    p.epilog = ("A plan runs on the device and dtype it was compiled for; --device/--dtype apply to workflows, "
+                "--provider to ONNX plans; a plan compiled with --input N.lora_name finds that LoRA in "
+                "--models' loras/.")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -195,7 +196,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     with ProgressBars() as bars:
         result = run_plan(plan, values, output_dir=args.output, on_step=None if args.quiet else bars,
-                          settings=args.settings)
+                          settings=args.settings, lora_dirs=[args.models / "loras"] if args.models else [])
     if args.timings:
         stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
         provider = f" ({plan.providers[0]})" if plan.providers else ""

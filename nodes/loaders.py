@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kiln.kernels.errors import InputError
-from kiln.nodes.registry import COMBO, FLOAT, SOCKET, RunContext, node
+from kiln.nodes.registry import COMBO, FLOAT, SOCKET, PlanSpec, RunContext, node
 
 
 def load_once(ctx: RunContext, key: tuple, load):
@@ -51,7 +51,9 @@ def _apply_lora(ctx: RunContext, model, clip, lora_name: str, strength_model: fl
 
 @node("LoraLoader", [SOCKET("model", "MODEL"), SOCKET("clip", "CLIP"), COMBO("lora_name", (), folder="loras"),
                      _strength("strength_model"), _strength("strength_clip")],
-      ("MODEL", "CLIP"), category="loaders", needs_context=True, display_name="Load LoRA")
+      ("MODEL", "CLIP"), category="loaders", needs_context=True, display_name="Load LoRA",
+      plan=PlanSpec("lora", runtime_widgets={name: name for name in ("lora_name", "strength_model",
+                                                                     "strength_clip")}))
 def lora_loader(ctx: RunContext, model, clip, lora_name: str, strength_model: float, strength_clip: float):
     if strength_model == 0 and strength_clip == 0:
         return model, clip
@@ -60,7 +62,9 @@ def lora_loader(ctx: RunContext, model, clip, lora_name: str, strength_model: fl
 
 @node("LoraLoaderModelOnly", [SOCKET("model", "MODEL"), COMBO("lora_name", (), folder="loras"),
                               _strength("strength_model")],
-      ("MODEL",), category="loaders", needs_context=True, display_name="LoraLoaderModelOnly")
+      ("MODEL",), category="loaders", needs_context=True, display_name="LoraLoaderModelOnly",
+      plan=PlanSpec("lora", runtime_widgets={"lora_name": "lora_name", "strength_model": "strength_model"},
+                    params={"strength_clip": 0.0}))
 def lora_loader_model_only(ctx: RunContext, model, lora_name: str, strength_model: float):
     if strength_model == 0:
         return (model,)

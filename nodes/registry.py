@@ -48,7 +48,7 @@ class InputSpec:
 
 
 # What a plan stage of each kind is built from (kiln.runtime.kinds executes them).
-PLAN_KINDS = ("sample", "empty_latent", "save_image", "module")
+PLAN_KINDS = ("sample", "empty_latent", "save_image", "module", "lora")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -40,13 +40,15 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
              on_step: Callable[[str, int, int], None] | None = None, settings: Settings = Settings(),
              prompt: dict | None = None, extra_pnginfo: dict | None = None,
              on_stage: Callable[[StageSpec], None] | None = None,
-             on_preview: Callable[[str, Any, float], None] | None = None) -> PlanRun:
+             on_preview: Callable[[str, Any, float], None] | None = None,
+             lora_dirs: Sequence[str | Path] = ()) -> PlanRun:
     """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
 
     ``on_step(stage_name, step, total)`` reports sampler progress, ``on_stage(stage)`` each stage
     before it runs (either may raise ``Interrupted`` to stop), ``on_preview(stage_name, denoised,
     scale_factor)`` each sampler step's prediction. Saved PNGs carry ``prompt`` (by default the
-    plan's workflow with the input values) and the ``extra_pnginfo`` chunks.
+    plan's workflow with the input values) and the ``extra_pnginfo`` chunks. ``lora_dirs``: where
+    the plan's ``lora`` stages find the files their runtime ``lora_name`` names.
     """
     manifest = plan.manifest
     bound = bind_inputs(manifest, values or {})
@@ -60,11 +62,18 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
     ctx = StageContext(device=plan.device, compiled=plan.compiled, output_dir=str(output_dir),
                        prompt=prompt if prompt is not None else workflow_with_inputs(manifest, bound),
                        on_step=on_step, tokenizers=plan.tokenizers, settings=settings,
-                       extra_pnginfo=extra_pnginfo, on_preview=on_preview)
+                       extra_pnginfo=extra_pnginfo, on_preview=on_preview,
+                       lora_dirs=tuple(Path(d) for d in lora_dirs))
     run = PlanRun(images=ctx.images)
+    applied: list = []
     with torch.inference_mode():
         for index, stage in enumerate(manifest.stages):
             args = {local: env[name] for local, name in stage.inputs.items()}
+            if kind_of(stage).compiled and ctx.loras != applied:   # the run's LoRAs patch the weights
+                start = time.perf_counter()
+                ctx.compiled, applied = plan.compiled_with(ctx.loras), list(ctx.loras)
+                lora_nodes = [n for s in manifest.stages if s.kind == "lora" for n in s.node_ids]
+                run.timings.append(StageTiming("lora_patch", "lora", lora_nodes, time.perf_counter() - start))
             if on_stage is not None:
                 on_stage(stage)
             start = time.perf_counter()

@@ -49,6 +49,15 @@ class LoraSpec:
         model = float(match["model"]) if match["model"] else 1.0
         return cls(Path(match["path"]), model, float(match["clip"]) if match["clip"] else model)
 
+    def identity(self) -> tuple:
+        """What makes two applications the same: the file as it is on disk now, and the strengths."""
+        try:
+            stat = self.path.stat()
+            on_disk = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            on_disk = None
+        return str(self.path), on_disk, self.strength_model, self.strength_clip, self.groups
+
     def describe(self) -> str:
         return f"{self.path.name}:{self.strength_model:g}:{self.strength_clip:g}"
 
@@ -66,7 +75,8 @@ def lora_overrides(weights: dict[str, torch.Tensor], constant_names: dict[str, d
                         expected="a plan with a sampler", found=", ".join(spec.describe() for spec in loras))
     pending: dict[tuple[int, str], list[tuple[float, Adapter]]] = {}
     for spec in loras:
-        groups = [(i, g) for i, g in enumerate(table["groups"]) if spec.groups is None or g["source"] in spec.groups]
+        groups = [(i, g) for i, g in enumerate(table["groups"])
+                  if spec.groups is None or set(g["sources"]) & set(spec.groups)]
         sd = read_lora_file(spec.path)
         _check_clip_kept(spec, [g for _, g in groups], sd)
         key_map = {name: key for _, group in groups for name, key in group["keys"].items()}

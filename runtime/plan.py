@@ -14,6 +14,7 @@ import mmap
 import struct
 import time
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -178,6 +179,14 @@ class LoadedPlan:
     tokenizers: dict[str, ClipBpe] = field(default_factory=dict)   # vocabulary member -> tokenizer
     loras: tuple[LoraSpec, ...] = ()                     # applied to the weights at load
     patch_seconds: float = 0.0                           # of load_seconds, reading and applying them
+    stage_loader: "_StageLoader | None" = None
+
+    def compiled_with(self, loras: Sequence[LoraSpec]) -> dict[str, CompiledStage | OnnxStage]:
+        """The compiled stages with ``loras`` (a run's ``lora`` stages) applied before the
+        plan's load-time ones; the plain ones when there are none."""
+        if not loras:
+            return self.compiled
+        return self.stage_loader.load(tuple(loras) + self.loras)[0]
 
 
 def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings(),
@@ -202,34 +211,68 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
     weights = reader.tensors(WEIGHTS_MEMBER)
     if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
-    patch_start = time.perf_counter()
-    table = read_table(reader.member(LORA_MEMBER)) if loras and LORA_MEMBER in reader.entries else None
-    overrides = lora_overrides(weights, {s.name: s.constant_names for s in manifest.stages}, table, loras)
-    patch_seconds = time.perf_counter() - patch_start
-    compiled, loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
-    for stage in manifest.stages:
-        if stage.artifact is None:
-            continue
-        absent = sorted(key for key in stage.constant_names.values() if key not in weights)
-        if absent:
-            raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
-                            found=", ".join(absent[:8]))
-        patched = overrides.get(stage.name, {})
-        key = (stage.artifact, tuple(sorted(stage.constant_names.items())),
-               tuple(sorted((fqn, id(t)) for fqn, t in patched.items())))
-        if key not in loaded:
-            stage_weights = {fqn: patched.get(fqn, weights[k]) for fqn, k in stage.constant_names.items()}
-            if onnx:
-                loaded[key] = OnnxStage(bytes(reader.member(stage.artifact)), stage_weights, providers, device,
-                                        stage.describe(), settings.artifact_cache)
-            else:
-                artifact = cached_artifact(reader.member(stage.artifact), manifest.members[stage.artifact],
-                                           settings.artifact_cache)
-                loaded[key] = CompiledStage(artifact, stage_weights, device, stage.describe())
-        compiled[stage.name] = loaded[key]
+    stages = _StageLoader(reader, weights, device, providers, settings)
+    compiled, patch_seconds = stages.load(tuple(loras))
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
-                      providers, _tokenizers(reader), tuple(loras), patch_seconds)
+                      providers, _tokenizers(reader), tuple(loras), patch_seconds, stages)
+
+
+class _StageLoader:
+    """Loads the compiled stages over the plan's weights, with LoRAs applied to them: at load,
+    and again when a run names other LoRAs (``lora`` stages). Stages a LoRA leaves alone are
+    loaded once and shared by every variant; the last ``VARIANTS`` patched variants are kept."""
+
+    VARIANTS = 2
+
+    def __init__(self, reader: PlanReader, weights: dict[str, torch.Tensor], device: torch.device,
+                 providers: list[str], settings: Settings):
+        self.reader, self.weights, self.device, self.providers, self.settings = (reader, weights, device,
+                                                                                 providers, settings)
+        self.table = read_table(reader.member(LORA_MEMBER)) if LORA_MEMBER in reader.entries else None
+        self.unpatched: dict[tuple, CompiledStage | OnnxStage] = {}
+        self.variants: OrderedDict[tuple, dict] = OrderedDict()
+
+    def load(self, loras: tuple[LoraSpec, ...]) -> tuple[dict[str, CompiledStage | OnnxStage], float]:
+        """(stage name -> loaded stage, seconds spent reading and applying the LoRAs)."""
+        key = tuple(spec.identity() for spec in loras)
+        if key in self.variants:
+            self.variants.move_to_end(key)
+            return self.variants[key], 0.0
+        manifest = self.reader.manifest
+        start = time.perf_counter()
+        overrides = lora_overrides(self.weights, {s.name: s.constant_names for s in manifest.stages}, self.table,
+                                   loras)
+        patch_seconds = time.perf_counter() - start
+        compiled, patched_loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
+        for stage in manifest.stages:
+            if stage.artifact is None:
+                continue
+            absent = sorted(k for k in stage.constant_names.values() if k not in self.weights)
+            if absent:
+                raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
+                                found=", ".join(absent[:8]))
+            patched = overrides.get(stage.name, {})
+            cache = patched_loaded if patched else self.unpatched
+            stage_key = (stage.artifact, tuple(sorted(stage.constant_names.items())),
+                         tuple(sorted((fqn, id(t)) for fqn, t in patched.items())))
+            if stage_key not in cache:
+                cache[stage_key] = self._load_stage(stage, {fqn: patched.get(fqn, self.weights[k])
+                                                            for fqn, k in stage.constant_names.items()})
+            compiled[stage.name] = cache[stage_key]
+        if loras:
+            self.variants[key] = compiled
+            while len(self.variants) > self.VARIANTS:
+                self.variants.popitem(last=False)
+        return compiled, patch_seconds
+
+    def _load_stage(self, stage, stage_weights: dict[str, torch.Tensor]) -> CompiledStage | OnnxStage:
+        member = self.reader.member(stage.artifact)
+        if self.reader.manifest.target["backend"] == "onnx":
+            return OnnxStage(bytes(member), stage_weights, self.providers, self.device, stage.describe(),
+                             self.settings.artifact_cache)
+        artifact = cached_artifact(member, self.reader.manifest.members[stage.artifact], self.settings.artifact_cache)
+        return CompiledStage(artifact, stage_weights, self.device, stage.describe())
 
 
 def _tokenizers(reader: PlanReader) -> dict[str, ClipBpe]:

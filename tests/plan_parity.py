@@ -44,14 +44,15 @@ def _pixels(paths) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
 
 
-def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32") -> tuple[float, float]:
+def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32",
+            lora_dirs=()) -> tuple[float, float]:
     """(PSNR in dB, max pixel difference) of the plan's images against the interpreter's at the
     plan's precision, for the same runtime input values (given to the interpreter as overrides)."""
     overrides = {tuple(k.split(".", 1)): v for k, v in (values or {}).items()}
     ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
                        overrides=overrides, dtype=dtype)
     loaded = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
-    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan")
+    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan", lora_dirs=lora_dirs)
     assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
     a, b = _pixels(ref.saved), _pixels(got.saved)
     assert a.shape == b.shape
@@ -59,10 +60,11 @@ def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype=
     return (float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)), float(np.abs(a - b).max())
 
 
-def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32") -> None:
+def assert_parity(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype="fp32",
+                  lora_dirs=()) -> None:
     """The plan's images against the interpreter's within the precision's PARITY bounds.
     With KILN_PARITY_LOG set, each measurement is appended there (figures for notes)."""
-    psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values, dtype)
+    psnr, max_diff = measure(workflow, plan, tmp_path, models_dir, input_dir, values, dtype, lora_dirs)
     if os.environ.get("KILN_PARITY_LOG"):
         with open(os.environ["KILN_PARITY_LOG"], "a") as log:
             log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{psnr:.1f} dB\t"

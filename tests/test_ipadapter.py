@@ -292,3 +292,21 @@ def test_faceid_files_are_refused():
     with pytest.raises(Exception, match="FaceID"):
         read_ipadapter({"ip_adapter.0.to_q_lora.down.weight": torch.zeros(1), "image_proj.proj.weight": torch.zeros(1)},
                        True, "ip-adapter-faceid_sd15.safetensors")
+
+
+def test_the_readme_example_workflow_runs(ipa_models, tmp_path):
+    """kiln/examples/ipadapter.json (the README's example) with the test's files and a small size."""
+    import json
+    from pathlib import Path
+
+    import kiln
+
+    models, inputs = ipa_models
+    workflow = json.loads((Path(kiln.__file__).parent / "examples" / "ipadapter.json").read_text())
+    workflow["4"]["inputs"]["ckpt_name"] = "tiny-sd15.safetensors"
+    workflow["12"]["inputs"]["image"] = "face.png"
+    workflow["5"]["inputs"].update(width=64, height=64)
+    workflow["3"]["inputs"]["steps"] = 3
+    with_adapter = _image(workflow, models, inputs, tmp_path / "a")
+    workflow["3"]["inputs"]["model"] = ["4", 0]
+    assert not np.array_equal(with_adapter, _image(workflow, models, inputs, tmp_path / "b"))

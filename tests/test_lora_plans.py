@@ -10,6 +10,7 @@ from kiln.cli import main
 from kiln.kernels.errors import KilnError
 from kiln.nodes.models.synthetic import write_checkpoint
 from kiln.runtime.errors import PlanError
+from kiln.runtime.executor import run_plan
 from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
 from kiln.runtime.manifest import WEIGHTS_MEMBER
 from kiln.runtime.plan import PlanReader, load_plan
@@ -96,6 +97,48 @@ def test_load_time_lora_after_the_plans_own_on_folded_prompts(build, models, tmp
     assert_parity(chained, loaded, tmp_path, models, None)
 
 
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_a_runtime_lora_name_is_applied_when_the_plan_runs(build, models, tmp_path, backend):
+    """``--input 30.lora_name --input 30.strength_model``: the plan holds the weights before the
+    LoRA and each run patches them with the LoRA it names (the interpreter's image each time)."""
+    workflow = with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.0))
+    plan = build(backend, "runtime-name", workflow, inputs=["30.lora_name", "30.strength_model"])
+    loaded = load_plan(plan)
+    assert [s.kind for s in loaded.manifest.stages][0] == "lora"
+    assert loaded.manifest.input("30.lora_name").type == "STRING"
+    folder = [models / "loras"]
+    for i, values in enumerate([{}, {"30.lora_name": "detail.safetensors", "30.strength_model": 0.5}, {}]):
+        assert_parity(workflow, loaded, tmp_path / str(i), models, None, values=values, lora_dirs=folder)
+    off = run_plan(loaded, {"30.strength_model": 0.0}, output_dir=tmp_path / "off", lora_dirs=folder)
+    assert "lora_patch" not in [t.name for t in off.timings]
+    assert_parity(workflow, loaded, tmp_path / "plain", models, None, values={"30.strength_model": 0.0},
+                  lora_dirs=folder)
+
+
+def test_runtime_lora_names_are_checked(build, models, tmp_path):
+    workflow = with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.0))
+    loaded = load_plan(build("aoti", "runtime-name", workflow, inputs=["30.lora_name", "30.strength_model"]))
+    cases = {"../checkpoints/base.safetensors": "inside the LoRA folders", "/etc/passwd": "inside the LoRA folders",
+             "nope.safetensors": "no such LoRA file"}
+    for name, words in cases.items():
+        with pytest.raises(PlanError, match=words) as failure:
+            run_plan(loaded, {"30.lora_name": name}, output_dir=tmp_path / "x", lora_dirs=[models / "loras"])
+        assert failure.value.problem.input_name == "node 30 lora_name"
+    with pytest.raises(PlanError, match="given no LoRA folders"):
+        run_plan(loaded, {}, output_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_constant_lora_after_a_runtime_one_is_refused(build, models):
+    workflow = with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.0),
+                          ("detail.safetensors", 0.5, 0.0))
+    with pytest.raises(KilnError) as failure:
+        build("aoti", "order", workflow, inputs=["30.lora_name"])
+    problem = failure.value.problems[-1]
+    assert (problem.node_id, problem.class_type) == ("31", "LoraLoader")
+    assert "--input 31.lora_name" in problem.expected
+
+
 def test_bad_loras_are_refused_naming_what_was_expected(build, models):
     plan = build("aoti", "folded", txt2img("base.safetensors"))
     loras = models / "loras"
@@ -149,3 +192,38 @@ def test_interpreter_refuses_the_same_sdxl_lora(models, tmp_path):
     workflow = with_loras(txt2img("base.safetensors"), ("sdxl-style.safetensors", 1.0, 0.0))
     with pytest.raises(KilnError):
         run_workflow(workflow, models=models, output_dir=tmp_path)
+
+
+def test_kiln_serve_applies_each_requests_lora_from_one_plan(build, models, tmp_path):
+    """A plan compiled with ``--input 30.lora_name`` serves prompts naming other LoRAs of the
+    server's loras/ folder (the interpreter's image each), and a name that is not there gets
+    ComfyUI's validation error before anything runs."""
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    from kiln.api import run_workflow
+    from serve_client import Server
+    from workflows import variant
+
+    workflow = with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.0))
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "lora.plan").write_bytes(build("onnx", "served", workflow, inputs=["30.lora_name"]).read_bytes())
+    served = Server(models, models / "none", tmp_path / "output", "--plans", str(plans))
+    try:
+        images = {}
+        for name in ("detail.safetensors", "style.safetensors"):
+            request = variant(workflow, "30", lora_name=name)
+            entry = served.wait_for_history(served.queue_prompt(request)["prompt_id"])
+            assert entry["kiln"]["engine"] == "plan lora"
+            images[name] = np.asarray(Image.open(io.BytesIO(served.first_image(entry))), dtype=np.int16)
+            ref = run_workflow(request, models=models, output_dir=tmp_path / name)
+            assert np.abs(images[name] - np.asarray(Image.open(ref.saved[0]), dtype=np.int16)).max() <= 2
+        assert not np.array_equal(*images.values())
+        refused = requests.post(served.url + "/prompt", json={"prompt": variant(workflow, "30", lora_name="x.pt")})
+        assert refused.status_code == 400 and refused.json()["node_errors"]["30"]
+    finally:
+        served.stop()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kiln.compiler.graph import Link
-from kiln.compiler.passes import build_modules, fold_constants
+from kiln.compiler.passes import build_modules, dead_nodes, fold_constants, merge_identical, runtime_inputs
 from kiln.compiler.pipeline import PASSES, check_pass_order, run_passes, validate
 from kiln.compiler.stages import MODEL_TYPES, Compilation, CompileOptions, node_def
 from kiln.compiler.workflow import parse_workflow
@@ -60,12 +60,14 @@ def ensures_runtime_inputs(before: Compilation, after: Compilation) -> None:
         node = after.graph.nodes[runtime_input.node_id]
         definition = registry.get(node.class_type)
         spec = definition.input(runtime_input.input_name)
-        assert spec is not None and spec.is_widget and spec.folder is None
+        assert spec is not None and spec.is_widget
+        if spec.folder is not None:   # only files a plan opens at run time (a LoRA), as names
+            assert runtime_input.input_name in definition.plan.runtime_widgets and runtime_input.type == "STRING"
         assert not isinstance(node.inputs.get(spec.name), Link)
         assert runtime_input.default == node.inputs.get(spec.name, spec.default)
         if spec.type in ("INT", "FLOAT"):
             assert spec.min <= runtime_input.min <= runtime_input.default <= runtime_input.max <= spec.max
-        if spec.type == "COMBO" and not callable(spec.choices):
+        if spec.type == "COMBO" and not callable(spec.choices) and spec.folder is None:
             assert runtime_input.choices == list(spec.choices)
         assert runtime_input.seed == (spec.name == definition.seed)
         positions.append((order[node.id], [s.name for s in definition.inputs].index(spec.name)))
@@ -75,6 +77,19 @@ def ensures_runtime_inputs(before: Compilation, after: Compilation) -> None:
         seed = registry.get(node.class_type).seed
         if seed is not None:
             assert (node_id, seed) in seeds
+
+
+def ensures_runtime_loras(before: Compilation, after: Compilation) -> None:
+    taken = {node.id for node in after.runtime_loras}
+    assert not taken & set(after.graph.nodes)
+    assert all(link.node_id not in taken for node in after.graph.nodes.values() for _, link in node.links())
+    with_inputs = {i.node_id for i in after.inputs}
+    kinds = {n: getattr(registry.get(node.class_type).plan, "kind", None) for n, node in before.graph.nodes.items()}
+    assert taken == {n for n, kind in kinds.items() if n in with_inputs and kind == "lora"}
+    for node in after.runtime_loras:
+        for name in ("model", "clip"):
+            if isinstance(node.inputs.get(name), Link):
+                assert node.inputs[name].node_id in after.graph.nodes and node.inputs[name].node_id not in taken
 
 
 def ensures_merge_identical(before: Compilation, after: Compilation) -> None:
@@ -127,7 +142,7 @@ def ensures_partition_stages(before: Compilation, after: Compilation) -> None:
         if stage.kind == "module":
             assert set(stage.outputs.values()) <= read, stage.name
     covered = {node_id for stage in after.stages for node_id in stage.node_ids}
-    assert covered == set(after.runtime_nodes)
+    assert covered == set(after.runtime_nodes) | {node.id for node in after.runtime_loras}
 
 
 def ensures_fuse_stages(before: Compilation, after: Compilation) -> None:
@@ -180,6 +195,27 @@ def test_each_pass_keeps_its_guarantees(case, models_dir, input_dir):
             c = after
 
 
+def test_each_pass_keeps_its_guarantees_with_a_runtime_lora(tmp_path):
+    """A LoraLoader compiled with --input 30.lora_name, after a constant one (model only)."""
+    from kiln.demo import write_demo_models
+    from lora_files import kohya_everything, read, save, with_loras
+
+    models = tmp_path / "models"
+    write_demo_models(models)
+    lora, _ = kohya_everything(read(models / "checkpoints" / "tiny-sd15.safetensors"), 1.0, 1.0,
+                               torch.Generator().manual_seed(0))
+    save(lora, models / "loras" / "style.safetensors")
+    workflow = with_loras(txt2img(), ("style.safetensors", 0.5, 0.0), ("style.safetensors", 0.8, 0.4))
+    c = Compilation(parse_workflow(workflow), CompileOptions(models=ModelFolders.from_models_dir(models),
+                                                             inputs=("31.lora_name", "31.strength_clip", "6.text")))
+    with torch.inference_mode():
+        for compiler_pass in PASSES:
+            after = run_passes(c, [compiler_pass])
+            ENSURES[compiler_pass.__name__](c, after)
+            c = after
+    assert [s.kind for s in c.stages][:2] == ["lora", "tokenize"] and c.stages[0].params["model"] == "30.0"
+
+
 def test_an_ensures_function_catches_a_broken_pass(models_dir):
     """The checks can fail: a fold that forgot a constant is caught."""
     options = CompileOptions(models=ModelFolders.from_models_dir(models_dir))
@@ -193,6 +229,6 @@ def test_an_ensures_function_catches_a_broken_pass(models_dir):
 def test_pass_order_rules_are_enforced():
     check_pass_order(PASSES)
     with pytest.raises(ValueError, match="pass merge_identical runs before runtime_inputs.*never merge with a twin"):
-        check_pass_order([validate, PASSES[1], PASSES[3], PASSES[2]])
+        check_pass_order([validate, dead_nodes, merge_identical, runtime_inputs])
     with pytest.raises(ValueError, match="pass build_modules runs before fuse_stages"):
         run_passes(Compilation(parse_workflow(txt2img())), [build_modules, PASSES[-2]])

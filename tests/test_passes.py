@@ -321,7 +321,7 @@ def test_a_failing_pass_names_itself_and_the_passes_before_it(models_dir):
     wf["3"]["inputs"]["positive"] = ["20", 0]
     message = error_of(lambda: passes_until(wf, "fuse_stages", models_dir, inputs=["6.text"]))
     assert ("compiler pass 'partition_stages' failed (passes run before it: validate, dead_nodes, "
-            "runtime_inputs, merge_identical, fold_constants)") in message
+            "runtime_inputs, runtime_loras, merge_identical, fold_constants)") in message
     assert "node 20 (ConditioningSetArea): unsupported_node: ConditioningSetArea would run at run time" in message
 
 

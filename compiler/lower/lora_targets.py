@@ -1,7 +1,7 @@
 """Which plan weights a LoRA may patch when the plan loads (``kiln.runtime.lora`` reads the table).
 
-Each UNet and text encoder a plan's stages run is a *group*, named by the loader output its
-handle comes from ("4.0": node 4's MODEL). A group records the LoRA key map of its handle
+Each UNet and text encoder a plan's stages run is a *group*, named by the loader outputs its
+handles come from ("4.0": node 4's MODEL). A group records the LoRA key map of its handle
 (LoRA tensor base name -> ComfyUI key, the interpreter's own ``lora_keys``) and, per ComfyUI
 key, the plan weight holding it and the dtype ComfyUI stores it in (fp16 for text encoders:
 a patch is rounded there once, as ComfyUI rounds it) and the stage constants (FQNs) holding it.
@@ -20,46 +20,48 @@ from kiln.nodes.models.unet import DiffusionModel
 
 @dataclass
 class PatchableGroup:
-    source: str                                         # "<node>.<slot>" of the handle
+    sources: list[str]                                  # "<node>.<slot>" of the handles sharing it
     kind: str                                           # "model" | "clip"
     keys: dict[str, str]                                # LoRA base name -> ComfyUI key
     weights: dict[str, tuple[torch.Tensor, torch.dtype]]   # ComfyUI key -> (tensor, stored dtype)
     folded: list[str] = field(default_factory=list)     # nodes whose encoding with it was folded
 
 
-def patchable_groups(handles: dict[str, tuple], folded_clips: tuple[tuple[str, object], ...] = ()
+def patchable_groups(handles: dict[str, tuple], folded_clips: tuple[tuple[str, str, object], ...] = ()
                      ) -> list[PatchableGroup]:
     """One group per distinct UNet or CLIP among the compile-time handles (a handle sharing every
     weight with an earlier one, CLIPSetLastLayer's or ModelSampling's output, is that group).
     A CLIP group lists the folded nodes (``folded_clips``) that encoded with its weights: their
     outputs are plan constants a LoRA applied at load cannot change."""
-    groups: list[PatchableGroup] = []
-    seen: set[tuple] = set()
+    groups: dict[tuple, PatchableGroup] = {}
     for node_id, outputs in handles.items():
         for slot, handle in enumerate(outputs):
-            group = _group(f"{node_id}.{slot}", handle)
-            if group is None:
-                continue
-            identity = tuple(sorted(_identity(t) for t, _ in group.weights.values()))
-            if identity not in seen:
-                seen.add(identity)
-                groups.append(group)
-    for node_id, clip in folded_clips:
-        folded = _group("", clip)
-        used = {_identity(t) for t, _ in folded.weights.values()}
-        sharing = [g for g in groups if g.kind == "clip" and used & {_identity(t) for t, _ in g.weights.values()}]
-        if not sharing:   # a text encoder only folded nodes used: not in the plan at all
-            groups.append(folded)
-            sharing = [folded]
-        for group in sharing:
+            _add(groups, f"{node_id}.{slot}", handle)
+    for node_id, source, clip in folded_clips:
+        used = {_identity(t) for t, _ in _group(source, clip).weights.values()}
+        sharing = [g for g in groups.values()
+                   if g.kind == "clip" and used & {_identity(t) for t, _ in g.weights.values()}]
+        for group in sharing or [_add(groups, source, clip)]:   # else a text encoder only folded nodes used
             group.folded.append(node_id)
-    return groups
+    return list(groups.values())
+
+
+def _add(groups: dict[tuple, PatchableGroup], source: str, handle) -> PatchableGroup | None:
+    group = _group(source, handle)
+    if group is None:
+        return None
+    identity = tuple(sorted(_identity(t) for t, _ in group.weights.values()))
+    if identity in groups:
+        groups[identity].sources.append(source)
+    else:
+        groups[identity] = group
+    return groups[identity]
 
 
 def _group(source: str, handle) -> PatchableGroup | None:
     if isinstance(handle, DiffusionModel):
         unet, stored = handle.unet, handle.weights.stored_dtype
-        return PatchableGroup(source, "model", handle.lora_keys(),
+        return PatchableGroup([source], "model", handle.lora_keys(),
                               {key: (t, stored or t.dtype) for key, name in handle.weights.targets.items()
                                for t in [unet.get_parameter(name)]})
     if isinstance(handle, Clip):
@@ -68,7 +70,7 @@ def _group(source: str, handle) -> PatchableGroup | None:
             module = patched.module()
             weights.update({key: (t, patched.stored_dtype or t.dtype) for key, name in patched.targets.items()
                             for t in [module.get_parameter(name)]})
-        return PatchableGroup(source, "clip", handle.lora_keys(), weights)
+        return PatchableGroup([source], "clip", handle.lora_keys(), weights)
     return None
 
 
@@ -96,6 +98,6 @@ def lora_table(groups: list[PatchableGroup], stage_constants: dict[str, dict[str
             targets.setdefault(index, {}).setdefault(key, {"dtype": stored, "at": []})["at"].append([stage, fqn])
     if not any(targets.values()):
         return None
-    return {"groups": [{"source": groups[i].source, "kind": groups[i].kind,
+    return {"groups": [{"sources": groups[i].sources, "kind": groups[i].kind,
                         "keys": groups[i].keys if targets[i] else {}, "targets": targets[i],
                         "folded": groups[i].folded} for i in sorted(targets)]}

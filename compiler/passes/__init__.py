@@ -7,6 +7,7 @@ from kiln.compiler.passes.merge_identical import merge_identical
 from kiln.compiler.passes.modules import build_modules
 from kiln.compiler.passes.partition import partition_stages
 from kiln.compiler.passes.runtime_inputs import runtime_inputs
+from kiln.compiler.passes.runtime_loras import runtime_loras
 
 __all__ = ["build_modules", "dead_nodes", "fold_constants", "fuse_stages", "merge_identical",
-           "partition_stages", "runtime_inputs"]
+           "partition_stages", "runtime_inputs", "runtime_loras"]

@@ -61,8 +61,8 @@ def fold_constants(c: Compilation) -> Compilation:
                          "outputs": [env for link, v in values.items() if link.node_id == node_id
                                      for env in v.fields.values()]} for node_id in folded)
     return replace(c, runtime_nodes=tuple(runtime), handles={node_id: outputs[node_id] for node_id in live},
-                   folded_clips=tuple((node_id, outputs[link.node_id][link.slot]) for node_id, link in clip_reads
-                                      if link.node_id in outputs),
+                   folded_clips=tuple((node_id, f"{link.node_id}.{link.slot}", outputs[link.node_id][link.slot])
+                                      for node_id, link in clip_reads if link.node_id in outputs),
                    values=values, constants=constants, folded=folded_info,
                    dropped_models=tuple(_dropped_models(c, order, defs, runtime, folded)))
 

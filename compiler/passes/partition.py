@@ -25,7 +25,8 @@ def partition_stages(c: Compilation) -> Compilation:
     ``sample`` (KSampler, KSamplerAdvanced); ``empty_latent`` (EmptyLatentImage with a runtime
     size); ``save_image`` (SaveImage, PreviewImage) after a ``module`` converting to 8-bit pixels;
     ``module`` for every other plan-capable node (VAE decode/encode, model upscale, resizes, and
-    CLIPTextEncode with a runtime text, the text first through a ``tokenize`` stage).
+    CLIPTextEncode with a runtime text, the text first through a ``tokenize`` stage); ``lora``
+    first, for each LoRA applied at run time (``runtime_loras``).
 
     Guarantees: every stage input names a runtime input, a constant or an output of an earlier
     stage; constant widgets are ``params`` (spelled as in the workflow), runtime ones ``inputs``;
@@ -37,6 +38,8 @@ def partition_stages(c: Compilation) -> Compilation:
     """
     _check_supported(c)
     builder = _Partition(c)
+    for node in c.runtime_loras:
+        builder.add(node)
     for node_id in c.runtime_nodes:
         builder.add(c.graph.nodes[node_id])
     constants = {**c.constants, **builder.constants}
@@ -104,7 +107,7 @@ class _Partition:
     def add(self, node: Node) -> None:
         definition = registry.get(node.class_type)
         {"sample": self._sample, "empty_latent": self._empty_latent, "save_image": self._save,
-         "module": self._module}[definition.plan.kind](node, definition)
+         "module": self._module, "lora": self._lora}[definition.plan.kind](node, definition)
 
     def _refuse(self, node: Node, input_name: str | None, message: str, expected: str, found: str):
         raise KilnError([Problem("unsupported_input", message, node_id=node.id, class_type=node.class_type,
@@ -199,6 +202,15 @@ class _Partition:
                              "constant conditioning without start/end percent", found)
             inputs.update({f"{side}.{field}": name for field, name in cond.fields.items()})
         return inputs
+
+    def _lora(self, node: Node, definition: registry.NodeDef) -> None:
+        """A LoRA applied when the plan runs (the runtime_loras pass took it out of the graph):
+        ``model``/``clip`` name the loader outputs whose weights it patches (lora.json groups)."""
+        widgets, runtime = self._widgets(node, definition)
+        sources = {name: f"{link.node_id}.{link.slot}" for name in ("model", "clip")
+                   if isinstance(link := node.inputs.get(name), Link)}
+        self.stages.append(Stage(f"lora_{node.id}", "lora", [node.id], runtime, {},
+                                 {**widgets, **definition.plan.params, **sources}))
 
     def _empty_latent(self, node: Node, definition: registry.NodeDef) -> None:
         widgets, runtime = self._widgets(node, definition)

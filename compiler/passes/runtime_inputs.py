@@ -19,8 +19,9 @@ def runtime_inputs(c: Compilation) -> Compilation:
     Guarantees: each RuntimeInput names a widget of a node in the graph whose workflow value is a
     constant (its default); INT/FLOAT inputs carry a range inside the node's own min/max that
     holds the default (the declared ``lo..hi``, else the node's); COMBO inputs list their
-    choices. Inputs come in execution order, then the node's input order. Unknown nodes or
-    inputs, link-only sockets, linked widgets, file names, ranges on non-numbers, bad or
+    choices; a file name a plan opens at run time (a LoraLoader's ``lora_name``) is a STRING.
+    Inputs come in execution order, then the node's input order. Unknown nodes or inputs,
+    link-only sockets, linked widgets, other file names, ranges on non-numbers, bad or
     duplicate declarations are refused, all at once.
     """
     problems: list[Problem] = []
@@ -112,9 +113,11 @@ def _resolve(c: Compilation, node_id: str, input_name: str, bounds: tuple[float,
         refuse(f"the value comes from node {value.node_id} (output {value.slot}); declare that node's input instead",
                found=f"[{value.node_id!r}, {value.slot}]")
         return None
-    if spec.folder is not None:
+    file_input = spec.folder is not None
+    if file_input and input_name not in (node_def.plan.runtime_widgets if node_def.plan else {}):
         refuse("file names are fixed when the plan is compiled (the models and images are built into it)",
-               expected="a number, text or option input", found=f"{spec.type} of {spec.folder} files")
+               expected="a number, text or option input, or a LoraLoader's lora_name",
+               found=f"{spec.type} of {spec.folder} files")
         return None
     low, high = spec.min, spec.max
     if bounds is not None:
@@ -134,10 +137,12 @@ def _resolve(c: Compilation, node_id: str, input_name: str, bounds: tuple[float,
             refuse("the workflow's value (the plan's default) lies outside the range",
                    expected=f"{low}..{high}", found=repr(value))
             return None
-    return RuntimeInput(name=f"{node_id}.{input_name}", node_id=node_id, input_name=input_name, type=spec.type,
-                        default=value, min=low if spec.type in ("INT", "FLOAT") else None,
+    # A file a plan opens at run time (a LoRA): any name of its folder then, not today's list.
+    return RuntimeInput(name=f"{node_id}.{input_name}", node_id=node_id, input_name=input_name,
+                        type="STRING" if file_input else spec.type, default=value,
+                        min=low if spec.type in ("INT", "FLOAT") else None,
                         max=high if spec.type in ("INT", "FLOAT") else None,
-                        choices=_choices(spec), seed=input_name == node_def.seed)
+                        choices=None if file_input else _choices(spec), seed=input_name == node_def.seed)
 
 
 def _choices(spec: InputSpec) -> list | None:

@@ -197,7 +197,8 @@ class _Execution(RunEvents):
         result = run_plan(plan, values, output_dir=runner.config.output_dir, on_step=on_step,
                           settings=runner.config.settings, prompt=job.prompt,
                           extra_pnginfo=job.extra_data.get("extra_pnginfo"), on_stage=on_stage,
-                          on_preview=on_preview if self.emit_preview is not None else None)
+                          on_preview=on_preview if self.emit_preview is not None else None,
+                          lora_dirs=runner.config.models.searched("loras"))
         for node_id, images in result.images.items():
             ui = UiOutput(tuple(images))
             self.executed(node_id, ui)

@@ -6,13 +6,14 @@ from __future__ import annotations
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds.base import StageContext, StageKind
 from kiln.runtime.kinds.empty_latent import EmptyLatent
+from kiln.runtime.kinds.lora import Lora
 from kiln.runtime.kinds.module import Module
 from kiln.runtime.kinds.sample import Sample
 from kiln.runtime.kinds.save_image import SaveImage
 from kiln.runtime.kinds.tokenize import Tokenize
 
 KINDS: dict[str, StageKind] = {kind.name: kind for kind in (Tokenize(), Sample(), Module(), SaveImage(),
-                                                            EmptyLatent())}
+                                                            EmptyLatent(), Lora())}
 
 __all__ = ["KINDS", "StageContext", "StageKind", "kind_of"]
 

@@ -4,6 +4,7 @@ line ``kiln inspect`` prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -29,6 +30,8 @@ class StageContext:
     images: dict[str, list[SavedImage]] = field(default_factory=dict)   # output node id -> images written
     extra_pnginfo: dict | None = None                            # more PNG text chunks (the UI workflow)
     on_preview: Callable[[str, Any, float], None] | None = None  # (stage, denoised, latent scale factor)
+    lora_dirs: tuple[Path, ...] = ()                             # where ``lora`` stages find files by name
+    loras: list = field(default_factory=list)                    # LoraSpec: what ``lora`` stages named
 
 
 class StageKind:

@@ -1,0 +1,48 @@
+"""``lora`` (a LoraLoader whose file or strengths are runtime inputs): names the LoRA that the
+plan's weights carry for this run; the executor patches them before the next compiled stage."""
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from kiln.runtime.errors import PlanError
+from kiln.runtime.kinds.base import StageKind
+from kiln.runtime.lora import LoraSpec
+
+
+class Lora(StageKind):
+    """Settings lora_name (a file of the run's LoRA folders), strength_model, strength_clip;
+    params ``model`` / ``clip``: the loader outputs ("4.0") whose weights it patches. No outputs:
+    it appends to ``ctx.loras``. Both strengths 0 add nothing (LoraLoader passes its inputs on)."""
+
+    name = "lora"
+    settings = ("lora_name", "strength_model", "strength_clip")
+    shown = ("lora_name", "strength_model", "strength_clip")
+
+    def run(self, stage, args, ctx):
+        name = str(self.setting(stage, args, "lora_name"))
+        strength_model, strength_clip = (float(self.setting(stage, args, k)) for k in self.settings[1:])
+        if strength_model == 0 and strength_clip == 0:
+            return {}
+        groups = tuple(stage.params[k] for k in ("model", "clip") if k in stage.params)
+        ctx.loras.append(LoraSpec(resolve_lora(name, ctx.lora_dirs, stage), strength_model, strength_clip, groups))
+        return {}
+
+
+def resolve_lora(name: str, folders, stage) -> Path:
+    """``name`` as a file in one of ``folders``: relative, without ``..`` (a request never names a
+    file outside them; links placed inside them by the owner are followed, as ComfyUI does)."""
+    where = f"node {', '.join(stage.node_ids)} lora_name"
+    relative = PurePosixPath(name.replace("\\", "/"))
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise PlanError("invalid_input", "a LoRA name is a file inside the LoRA folders", input_name=where,
+                        expected="a relative name such as style.safetensors", found=repr(name))
+    if not folders:
+        raise PlanError("missing_lora", "this plan applies a LoRA by name and was given no LoRA folders",
+                        input_name=where, expected="kiln run x.plan --models <ComfyUI models folder> (its loras/)",
+                        found=repr(name))
+    for folder in folders:
+        candidate = Path(folder) / relative
+        if candidate.is_file():
+            return candidate
+    raise PlanError("missing_lora", "no such LoRA file", input_name=where,
+                    expected="a file in " + ", ".join(str(f) for f in folders), found=repr(name))
