@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kiln.api import run_workflow
-from kiln.compiler.pipeline import compile_workflow
 from kiln.kernels.errors import KilnError
-from kiln.kernels.settings import Settings
 from kiln.nodes.guider import prepare_conds
 from kiln.nodes.models.checkpoint import load_checkpoint
 from kiln.nodes.models.controlnet import Control, load_controlnet
 from kiln.nodes.models.synthetic import write_checkpoint
+from kiln.runtime.plan import load_plan
 from controlnet_files import controlnet_state_dict, diffusers_layout
 from lora_files import read, save
+from plan_parity import assert_parity, plan_compiler
 from workflows import txt2img
 
 
@@ -162,11 +162,30 @@ def test_a_file_that_is_no_controlnet_is_refused(cn_models, tmp_path):
     assert "expected a ControlNet" in problem.message
 
 
-def test_plans_refuse_controlnet_clearly(cn_models, tmp_path):
+@pytest.fixture(scope="module")
+def cn_build(cn_models, tmp_path_factory):
     models, inputs = cn_models
+    folder, cache = tmp_path_factory.mktemp("cn-plans"), tmp_path_factory.mktemp("cn-cache")
+    return {backend: plan_compiler(folder / backend, models, inputs, backend, cache) for backend in ("aoti", "onnx")}
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_controlnet_plans_match_the_interpreter(cn_models, cn_build, tmp_path, backend):
+    """ControlNetApplyAdvanced over the whole schedule, chained with ControlNetApply: the
+    ControlNets run inside the compiled denoiser, their hint (a constant) resized there."""
+    models, inputs = cn_models
+    workflow = _controlnet_workflow(strength=0.7)
+    workflow["23"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["22", 0], "control_net": ["20", 0],
+                                                                  "image": ["21", 0], "strength": 0.4}}
+    workflow["3"]["inputs"]["positive"] = ["23", 0]
+    plan = cn_build[backend]("chained", workflow)
+    assert [s.kind for s in load_plan(plan).manifest.stages] == ["sample", "module", "save_image"]
+    assert_parity(workflow, plan, tmp_path, models, inputs)
+
+
+def test_plans_refuse_a_controlnet_window_clearly(cn_models, cn_build, tmp_path):
     with pytest.raises(KilnError) as failure:
-        compile_workflow(_controlnet_workflow(), models=models, input_dir=inputs, output=tmp_path / "x.plan",
-                         settings=Settings(cache_dir=tmp_path / "cache"))
+        cn_build["aoti"]("windowed", _controlnet_workflow(start=0.2, end=0.8))
     problem = failure.value.problems[-1]
-    assert (problem.node_id, problem.input_name) == ("3", "positive") and "ControlNet" in problem.message
-    assert not (tmp_path / "x.plan").exists()
+    assert (problem.node_id, problem.input_name) == ("3", "positive") and "start_percent" in problem.message
+    assert problem.found == "0.2 to 0.8"

@@ -13,17 +13,17 @@ from PIL import Image
 from torch import nn
 
 from kiln.api import run_workflow
-from kiln.compiler.pipeline import compile_workflow
 from kiln.kernels.errors import KilnError
-from kiln.kernels.settings import Settings
 from kiln.nodes.models.checkpoint import load_checkpoint
 from kiln.nodes.models.clip_vision import MEAN, STD, clip_preprocess, load_clip_vision
 from kiln.nodes.models.detect import detect_model
 from kiln.nodes.models.ipadapter import IPAdapterModule, IPAdapterPatch, adapter_kind, combine, read_ipadapter
 from kiln.nodes.models.synthetic import write_checkpoint
 from kiln.nodes.models.unet import diffusers_config
+from kiln.runtime.plan import load_plan
 from ipadapter_files import attention_sites, clip_vision_state_dict, ipadapter_state_dict
 from lora_files import UNET, read, save
+from plan_parity import assert_parity, plan_compiler
 from workflows import txt2img
 
 VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -280,12 +280,41 @@ def test_a_missing_preset_file_names_the_pattern(ipa_models, tmp_path):
     assert problem.input_name == "preset" and "plus.face.sd15" in problem.expected
 
 
-def test_plans_refuse_ipadapter_clearly(ipa_models, tmp_path):
+@pytest.fixture(scope="module")
+def ipa_build(ipa_models, tmp_path_factory):
     models, inputs = ipa_models
+    folder, cache = tmp_path_factory.mktemp("ipa-plans"), tmp_path_factory.mktemp("ipa-cache")
+    return {backend: plan_compiler(folder / backend, models, inputs, backend, cache) for backend in ("aoti", "onnx")}
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_ipadapter_plans_match_the_interpreter(ipa_models, ipa_build, tmp_path, backend):
+    """IP-Adapter inside the compiled denoiser: the image embeds are folded (the vision encoder
+    is dropped from the plan), the attention terms, weight curve, negative embeds and the
+    start/end window (a select on sigma) run in the exported UNet."""
+    models, inputs = ipa_models
+    workflow = _advanced(start_at=0.2, end_at=0.7, image_negative=["31", 0])
+    plan = ipa_build[backend]("advanced", workflow)
+    loaded = load_plan(plan)
+    assert "CLIPVisionLoader" in [f["class_type"] for f in loaded.manifest.folded]
+    assert [s.kind for s in loaded.manifest.stages] == ["sample", "module", "save_image"]
+    assert_parity(workflow, loaded, tmp_path, models, inputs)
+
+
+def test_simple_ipadapter_plan_with_a_runtime_prompt(ipa_models, ipa_build, tmp_path):
+    models, inputs = ipa_models
+    workflow = _simple(preset="PLUS (high strength)", weight_type="style transfer", end=0.5)
+    plan = ipa_build["aoti"]("simple", workflow, inputs=["6.text"])
+    assert_parity(workflow, plan, tmp_path, models, inputs, values={"6.text": "a (blue:1.2) bird"})
+
+
+def test_plans_refuse_an_ipadapter_mask_clearly(ipa_models, ipa_build, tmp_path):
+    workflow = _advanced()
+    workflow["34"] = {"class_type": "LoadImageMask", "inputs": {"image": "face.png", "channel": "red"}}
+    workflow["32"]["inputs"]["attn_mask"] = ["34", 0]
     with pytest.raises(KilnError) as failure:
-        compile_workflow(_simple(), models=models, input_dir=inputs, output=tmp_path / "x.plan",
-                         settings=Settings(cache_dir=tmp_path / "cache"))
-    assert "IP-Adapter" in failure.value.problems[-1].message and not (tmp_path / "x.plan").exists()
+        ipa_build["aoti"]("masked", workflow)
+    assert "attn_mask" in failure.value.problems[-1].message
 
 
 def test_faceid_files_are_refused():

@@ -34,11 +34,16 @@ _NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "co
 
 def exportable(model):
     """The MODEL handle with a UNet whose upsamplers always take explicit sizes (see
-    ``_ALWAYS_EXPLICIT_UPSAMPLE``); shares every parameter, only that attribute differs."""
+    ``_ALWAYS_EXPLICIT_UPSAMPLE``); shares every parameter, only that attribute differs. Its
+    IP-Adapter modules (which the UNet's attention processors call) become submodules, so
+    export finds their weights."""
     unet = copy.copy(model.unet)
     unet.num_upsamplers = _ALWAYS_EXPLICIT_UPSAMPLE
     view = copy.copy(model)
     view._modules = {**model._modules, "unet": unet}
+    if model.ip_adapters:
+        view._modules["ip_adapter_modules"] = nn.ModuleList(patch.module for patch in model.ip_adapters)
+        view._modules["ip_adapter_embeds"] = nn.ModuleList(patch.embeds for patch in model.ip_adapters)
     return view
 
 
@@ -72,13 +77,15 @@ class Denoiser(nn.Module):
             # both to their LCM when that is at most 4x the shorter, else runs them separately.
             lcm = math.lcm(*lengths)
             if lcm // min(lengths) > 4:
-                out = torch.cat([apply_model(x, sigma, c, y, c_concat) for c, y in zip(contexts, ys)])
+                out = torch.cat([apply_model(x, sigma, c, y, c_concat, cond_or_uncond=(slot,))
+                                 for c, y, slot in zip(contexts, ys, (1, 0))])
                 return self._combine(out, batch, cfg)
             contexts = [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
         n = len(sides)
         out = apply_model(torch.cat([x] * n), torch.cat([sigma] * n), torch.cat(contexts),
                           torch.cat(ys) if self.with_y else None,
-                          None if c_concat is None else torch.cat([c_concat] * n))
+                          None if c_concat is None else torch.cat([c_concat] * n),
+                          cond_or_uncond=(0,) if self.skip_uncond else (1, 0))
         return self._combine(out, batch, cfg)
 
     def _combine(self, out: torch.Tensor, batch: int, cfg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +98,8 @@ class Denoiser(nn.Module):
 class GuidedDenoiser(Denoiser):
     """``forward(x, sigma, cfg, *conditioning tensors)`` -> ``(denoised, uncond_denoised)`` for
     conditioning the plain denoiser does not take: several entries per side, areas, masks,
-    strengths. It runs the interpreter's own ``prepare_conds`` + ``calc_cond_batch`` (areas
+    strengths, ControlNets over the whole schedule (their modules become submodules). It runs
+    the interpreter's own ``prepare_conds`` + ``calc_cond_batch`` (areas
     resolved, masks resized, entries batched as ComfyUI batches them) at the concrete latent size
     it is exported for, then the CFG combine. The tensors arrive as ``<side>.<entry>.<field>``
     inputs (plan constants); the options (area, strength, ...) are fixed here."""
@@ -100,6 +108,7 @@ class GuidedDenoiser(Denoiser):
         super().__init__(model, cfg)
         self.options = options
         self.inputs = ("x", "sigma", "cfg", *tensor_names)
+        self.controls = nn.ModuleList(_control_modules(options))   # so export finds their weights
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         args = dict(zip(self.inputs, tensors, strict=True))
@@ -114,6 +123,20 @@ class GuidedDenoiser(Denoiser):
         if self.skip_uncond:
             return cond, torch.zeros_like(cond)
         return uncond + (cond - uncond) * cfg, uncond
+
+
+def _control_modules(options: dict[str, list[dict]]) -> list[nn.Module]:
+    """The ControlNet modules and hint holders the entries' controls (and the ones they chain)
+    use, once each."""
+    modules: dict[int, nn.Module] = {}
+    for entries in options.values():
+        for entry in entries:
+            control = entry.get("control")
+            while control is not None:
+                for module in (control.net.module, control.source):
+                    modules.setdefault(id(module), module)
+                control = control.previous
+    return list(modules.values())
 
 
 def build_guided_denoiser(model, cfg: float | None, options: dict[str, list[dict]],

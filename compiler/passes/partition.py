@@ -51,6 +51,15 @@ def partition_stages(c: Compilation) -> Compilation:
     return replace(c, stages=tuple(stages), values=builder.values, constants=kept, folded=folded)
 
 
+def _any_windowed(control) -> bool:
+    """A ControlNet in the chain applies over part of the schedule only."""
+    while control is not None:
+        if control.windowed:
+            return True
+        control = control.previous
+    return False
+
+
 def _plan_nodes() -> dict[str, registry.PlanSpec]:
     """The plan-capable nodes, samplers first (the order messages list them in)."""
     specs = {class_type: d.plan for class_type, d in registry.all_nodes().items() if d.plan is not None}
@@ -130,10 +139,11 @@ class _Partition:
 
     def _sample(self, node: Node, definition: registry.NodeDef) -> None:
         model = self._handle(node.inputs["model"])
-        if getattr(model, "ip_adapters", ()):
-            self._refuse(node, "model", "IP-Adapter models do not compile into plans yet; run this workflow "
-                         "with the interpreter (kiln run workflow.json)", "a MODEL without IP-Adapter patches",
-                         f"{len(model.ip_adapters)} IP-Adapter patch(es)")
+        masked = [patch for patch in getattr(model, "ip_adapters", ()) if patch.mask is not None]
+        if masked:
+            self._refuse(node, "model", "an IP-Adapter attn_mask does not compile into plans yet; run this "
+                         "workflow with the interpreter (kiln run workflow.json)", "IP-Adapters without attn_mask",
+                         f"{len(masked)} masked IP-Adapter patch(es)")
         channels = model.latent_format.channels
         if model.in_channels not in (channels, 2 * channels + 1):
             self._refuse(node, "model", "plans take UNets with the latent's channels, or an inpainting UNet's "
@@ -188,10 +198,12 @@ class _Partition:
         inputs = {}
         for side in ("positive", "negative"):
             cond = self.values[node.inputs[side]]
-            if any("control" in entry for entry in cond.meta):
-                self._refuse(node, side, "ControlNet conditioning does not compile into plans yet; run this "
-                             "workflow with the interpreter (kiln run workflow.json)", "conditioning without "
-                             "ControlNetApply", "a ControlNet on the conditioning")
+            windowed = [entry["control"] for entry in cond.meta if _any_windowed(entry.get("control"))]
+            if windowed:
+                self._refuse(node, side, "a ControlNet with start_percent/end_percent other than 0 and 1 does not "
+                             "compile into plans yet; run this workflow with the interpreter (kiln run "
+                             "workflow.json)", "ControlNets over the whole schedule (0.0 to 1.0)",
+                             ", ".join(f"{c.percent_range[0]} to {c.percent_range[1]}" for c in windowed))
             runtime = sorted(name for name in cond.fields.values() if name not in self.c.constants)
             timed = sorted({k for entry in cond.meta for k in ("start_percent", "end_percent") if k in entry})
             if runtime or timed or model.in_channels != model.latent_format.channels:

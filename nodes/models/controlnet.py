@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 
 import torch
 from diffusers import ControlNetModel
@@ -21,6 +21,7 @@ from kiln.kernels.batching import broadcast_image_to
 from kiln.kernels.model_sampling import nearest_timestep
 from kiln.nodes.models.detect import ModelFileError, check_conversion, count_blocks, describe_keys, detect_unet_config
 from kiln.nodes.models.lora_keys import unet_to_diffusers
+from kiln.nodes.models.patching import Tensors
 from kiln.nodes.resize import common_upscale
 
 _ORIGINAL_MARKER = "zero_convs.0.0.weight"
@@ -156,11 +157,15 @@ class Control:
     hint): compared by identity, since entries batch together only when they share one."""
 
     net: ControlNet
-    hint: torch.Tensor                       # IMAGE as NCHW in [0, 1]
+    hint: InitVar[torch.Tensor]              # IMAGE as NCHW in [0, 1]
     strength: float
     percent_range: tuple[float, float]
     previous: "Control | None" = None
     _hints: dict = field(default_factory=dict, repr=False)
+    source: Tensors = field(init=False)      # the hint, as a buffer
+
+    def __post_init__(self, hint: torch.Tensor):
+        self.source = Tensors(hint=hint)
 
     def get_control(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
                     batched_number: int, model) -> dict | None:
@@ -168,10 +173,10 @@ class Control:
         with the chained previous ControlNet's; None outside every ControlNet's window."""
         previous = None if self.previous is None else self.previous.get_control(x, sigma, context, y,
                                                                                   batched_number, model)
-        ms = model.model_sampling
-        start, end = (ms.percent_to_sigma(p) for p in self.percent_range)
-        if sigma[0] > start or sigma[0] < end:
-            return previous
+        if self.windowed:   # the full range (0, 1) holds every sigma: no test, so a plan can trace it
+            start, end = (model.model_sampling.percent_to_sigma(p) for p in self.percent_range)
+            if sigma[0] > start or sigma[0] < end:
+                return previous
         down, mid = self.net.residuals(x, sigma, self._hint(x, batched_number), context, y, model)
         out = {"output": self._scaled(down), "middle": self._scaled([mid])}
         if previous is not None:
@@ -184,14 +189,21 @@ class Control:
                         mine[i] = value if mine[i] is None else value + mine[i]
         return out
 
+    @property
+    def windowed(self) -> bool:
+        return tuple(self.percent_range) != (0.0, 1.0)
+
     def _hint(self, x: torch.Tensor, batched_number: int) -> torch.Tensor:
         """The hint at 8x the latent size (nearest-exact after a center crop), in the ControlNet's
-        dtype, broadcast to the batch (``broadcast_image_to``)."""
+        dtype, broadcast to the batch (``broadcast_image_to``); kept per size, except while a
+        plan's denoiser is being exported (its tensors are the trace's)."""
         size = (x.shape[-2] * 8, x.shape[-1] * 8)
-        if size not in self._hints:
-            hint = common_upscale(self.hint, size[1], size[0], "nearest-exact", "center")
-            self._hints[size] = hint.to(device=x.device, dtype=self.net.dtype)
-        hint = self._hints[size]
+        hint = self._hints.get(size)
+        if hint is None:
+            hint = common_upscale(self.source.hint, size[1], size[0], "nearest-exact", "center")
+            hint = hint.to(device=x.device, dtype=self.net.dtype)
+            if not torch.compiler.is_exporting():
+                self._hints[size] = hint
         return hint if hint.shape[0] == x.shape[0] else broadcast_image_to(hint, x.shape[0], batched_number)
 
     def _scaled(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

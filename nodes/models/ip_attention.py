@@ -24,7 +24,7 @@ from kiln.nodes.models.patching import ShallowCopy
 class CallState:
     """What ComfyUI's ``extra_options`` tell a patch during one UNet call."""
 
-    sigma: float = 999999999.9
+    sigma: torch.Tensor | float = 999999999.9   # the call's first sigma (a tensor: plans trace it)
     cond_or_uncond: tuple[int, ...] = (1, 0)     # per batch chunk: 0 cond, 1 uncond
     latent_shape: tuple[int, ...] = ()
 
@@ -79,7 +79,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
 def _weight(patch: IPAdapterPatch, site: Site, layers: int):
     """(weight, cond, uncond) for this attention, or None when the patch adds nothing here."""
     weight, t, kind = patch.weight, site.transformer_index, patch.weight_type
-    cond, uncond = patch.cond, patch.uncond
+    cond, uncond = patch.embeds.cond, patch.embeds.uncond
     if kind == "ease in":
         weight = weight * (0.05 + 0.95 * (1 - t / layers))
     elif kind == "ease out":
@@ -183,10 +183,12 @@ class IPAttnProcessor:
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        sigma = self.state.sigma
+        sigma = torch.as_tensor(self.state.sigma, dtype=torch.float64)
         for patch, site in self.terms:
-            if patch.sigma_end <= sigma <= patch.sigma_start:
-                out = out + ip_term(patch, site, query, attn.heads, self.state)
+            # ``sigma_end <= sigma <= sigma_start`` as a select, so a compiled denoiser keeps it:
+            # the same values as adding the term only inside the window.
+            inside = (sigma >= patch.sigma_end) & (sigma <= patch.sigma_start)
+            out = torch.where(inside.to(out.device), out + ip_term(patch, site, query, attn.heads, self.state), out)
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
         return out / attn.rescale_output_factor
 

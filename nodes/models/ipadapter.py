@@ -10,12 +10,13 @@ patched attention.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 from torch import nn
 
 from kiln.nodes.models.detect import ModelFileError
+from kiln.nodes.models.patching import Tensors
 
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
                 "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
@@ -238,8 +239,8 @@ class IPAdapterPatch:
     """One applied IP-Adapter: its module, the projected tokens and how to weight them."""
 
     module: IPAdapterModule
-    cond: torch.Tensor                      # [images, tokens, cross_dim]
-    uncond: torch.Tensor
+    cond: InitVar[torch.Tensor]             # [images, tokens, cross_dim]
+    uncond: InitVar[torch.Tensor]
     weight: float | dict[int, float]
     weight_type: str
     sigma_start: float
@@ -247,6 +248,10 @@ class IPAdapterPatch:
     embeds_scaling: str = "V only"
     mask: torch.Tensor | None = None
     cond_alt: dict = field(default_factory=dict)
+    embeds: Tensors = field(init=False)     # cond and uncond, as buffers
+
+    def __post_init__(self, cond: torch.Tensor, uncond: torch.Tensor):
+        self.embeds = Tensors(cond=cond, uncond=uncond)
 
 
 def prepare(model, file: dict, clip_vision, image: torch.Tensor, *, weight: float, weight_type: str,

@@ -13,6 +13,17 @@ from torch import nn
 from kiln.kernels.lora import Adapter, PatchList, patched_weight
 
 
+class Tensors(nn.Module):
+    """Tensors a model reads besides its weights (IP-Adapter image embeds, ControlNet hints),
+    held as buffers: a plan's export then finds them in the module tree and stores them as
+    named weights instead of baking copies into the compiled code."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+
 class ShallowCopy:
     """A copy of a module tree made on demand along the paths that change: ``module(path)`` is a
     copy of that submodule (and of its parents) the caller may change; everything else is shared

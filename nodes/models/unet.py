@@ -181,7 +181,7 @@ class DiffusionModel(torch.nn.Module):
         side each batch chunk is (0 positive, 1 negative), for the IP-Adapter attentions."""
         unet = self.unet
         if self._call_state is not None:
-            self._call_state.sigma = float(sigma.reshape(-1)[0])
+            self._call_state.sigma = sigma.reshape(-1)[0]
             self._call_state.cond_or_uncond = tuple(cond_or_uncond)
             self._call_state.latent_shape = tuple(x.shape)
         ms = self.model_sampling
