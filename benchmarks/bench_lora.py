@@ -66,7 +66,7 @@ def tiny(work: Path, runs: int) -> dict:
 
 def full(work: Path, runs: int) -> dict:
     """The runtime's patch on full-size SD1.5 tensors, with a table made by the compiler's code."""
-    from kiln.compiler.lower.lora_targets import lora_table, patchable_groups
+    from kiln.compiler.lora_targets import lora_table, patchable_groups
     from kiln.nodes.models.checkpoint import load_checkpoint
     from kiln.nodes.models.synthetic import write_checkpoint
     from kiln.runtime.lora import LoraSpec, lora_overrides

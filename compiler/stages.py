@@ -105,7 +105,7 @@ class Compilation:
     stages: tuple[Stage, ...] = ()
 
     def program(self) -> StagedProgram:
-        from kiln.compiler.lower.lora_targets import patchable_groups   # imports the model modules
+        from kiln.compiler.lora_targets import patchable_groups   # imports the model modules
 
         layouts = {name: LAYOUTS[(value.type, field)] for value in self.values.values()
                    for field, name in value.fields.items() if (value.type, field) in LAYOUTS}

@@ -196,15 +196,11 @@ def read_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[
             if x + ".b_norm" in sd:
                 used.add(x + ".b_norm")
                 patches[bias_target] = Adapter("diff", (sd[x + ".b_norm"],))
-        if x + ".diff" in sd:
-            used.add(x + ".diff")
-            patches[target] = Adapter("diff", (sd[x + ".diff"],))
-        if x + ".diff_b" in sd:
-            used.add(x + ".diff_b")
-            patches[bias_target] = Adapter("diff", (sd[x + ".diff_b"],))
-        if x + ".set_weight" in sd:
-            used.add(x + ".set_weight")
-            patches[target] = Adapter("set", (sd[x + ".set_weight"],))
+        for suffix, key, kind in ((".diff", target, "diff"), (".diff_b", bias_target, "diff"),
+                                  (".set_weight", target, "set")):
+            if x + suffix in sd:
+                used.add(x + suffix)
+                patches[key] = Adapter(kind, (sd[x + suffix],))
     return patches, [name for name in sd if name not in used]
 
 

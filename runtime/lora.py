@@ -1,7 +1,7 @@
 """LoRAs applied to a plan's weights as it loads: no recompilation, ComfyUI's numerics.
 
 The compiler records which plan weights a LoRA may patch (member ``lora.json``, written by
-``kiln.compiler.lower.lora_targets``): per UNet or text encoder (a *group*), its LoRA key map
+``kiln.compiler.lora_targets``): per UNet or text encoder (a *group*), its LoRA key map
 and, per ComfyUI key, the stage constants holding it and the dtype ComfyUI stores it in. Loading with
 ``LoraSpec``s reads each file with the same patch code as the interpreter's LoraLoader
 (``kiln.kernels.lora``): one key map over the groups a LoRA patches, then per weight every

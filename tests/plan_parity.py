@@ -35,6 +35,13 @@ def plan_compiler(folder, models_dir, input_dir, backend: str, cache):
     return build
 
 
+def backend_compilers(models_dir, input_dir, tmp_path_factory, name: str) -> dict:
+    """``{"aoti": build, "onnx": build}`` (``plan_compiler``s) for a module's plans, sharing one cache."""
+    folder, cache = tmp_path_factory.mktemp(f"{name}-plans"), tmp_path_factory.mktemp(f"{name}-cache")
+    return {backend: plan_compiler(folder / backend, models_dir, input_dir, backend, cache)
+            for backend in ("aoti", "onnx")}
+
+
 def compiled_files(cache) -> set[str]:
     folder = cache / "compiled"
     return set(os.listdir(folder)) if folder.is_dir() else set()

@@ -18,8 +18,8 @@ from kiln.nodes.models.synthetic import write_checkpoint
 from kiln.runtime.plan import load_plan
 from controlnet_files import controlnet_state_dict, diffusers_layout
 from lora_files import read, save
-from plan_parity import assert_parity, plan_compiler
-from workflows import txt2img
+from plan_parity import assert_parity, backend_compilers
+from workflows import render, txt2img
 
 
 def _skips(model, x, sigma, context, y):
@@ -134,19 +134,14 @@ def cn_models(tmp_path_factory):
     return root, inputs
 
 
-def _image(workflow, models, inputs, out):
-    result = run_workflow(workflow, models=models, input_dir=inputs, output_dir=out)
-    return np.asarray(Image.open(result.saved[0]))
-
-
 def test_controlnet_workflow_strength_and_window(cn_models, tmp_path):
     models, inputs = cn_models
-    plain = _image(txt2img(), models, inputs, tmp_path / "plain")
-    controlled = _image(_controlnet_workflow(), models, inputs, tmp_path / "cn")
+    plain = render(txt2img(), models, inputs, tmp_path / "plain")
+    controlled = render(_controlnet_workflow(), models, inputs, tmp_path / "cn")
     assert not np.array_equal(controlled, plain)
-    assert np.array_equal(_image(_controlnet_workflow(strength=0.0), models, inputs, tmp_path / "off"), plain)
+    assert np.array_equal(render(_controlnet_workflow(strength=0.0), models, inputs, tmp_path / "off"), plain)
     never = _controlnet_workflow(start=1.0, end=1.0)   # a window no step falls in
-    assert np.array_equal(_image(never, models, inputs, tmp_path / "never"), plain)
+    assert np.array_equal(render(never, models, inputs, tmp_path / "never"), plain)
 
 
 def test_a_file_that_is_no_controlnet_is_refused(cn_models, tmp_path):
@@ -164,9 +159,7 @@ def test_a_file_that_is_no_controlnet_is_refused(cn_models, tmp_path):
 
 @pytest.fixture(scope="module")
 def cn_build(cn_models, tmp_path_factory):
-    models, inputs = cn_models
-    folder, cache = tmp_path_factory.mktemp("cn-plans"), tmp_path_factory.mktemp("cn-cache")
-    return {backend: plan_compiler(folder / backend, models, inputs, backend, cache) for backend in ("aoti", "onnx")}
+    return backend_compilers(*cn_models, tmp_path_factory, "cn")
 
 
 @pytest.mark.parametrize("backend", ["aoti", "onnx"])
@@ -183,9 +176,12 @@ def test_controlnet_plans_match_the_interpreter(cn_models, cn_build, tmp_path, b
     assert_parity(workflow, plan, tmp_path, models, inputs)
 
 
-def test_plans_refuse_a_controlnet_window_clearly(cn_models, cn_build, tmp_path):
-    with pytest.raises(KilnError) as failure:
-        cn_build["aoti"]("windowed", _controlnet_workflow(start=0.2, end=0.8))
-    problem = failure.value.problems[-1]
-    assert (problem.node_id, problem.input_name) == ("3", "positive") and "start_percent" in problem.message
-    assert problem.found == "0.2 to 0.8"
+def test_a_controlnet_window_compiles_as_a_select_on_sigma(cn_models, cn_build, tmp_path):
+    """start/end percent inside the plan: residuals only in the window, zeros outside (the skips
+    unchanged), chained with a whole-schedule ControlNet."""
+    models, inputs = cn_models
+    workflow = _controlnet_workflow(start=0.3, end=0.8)
+    workflow["23"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["22", 0], "control_net": ["20", 0],
+                                                                  "image": ["21", 0], "strength": 0.4}}
+    workflow["3"]["inputs"]["positive"] = ["23", 0]
+    assert_parity(workflow, cn_build["onnx"]("windowed", workflow), tmp_path, models, inputs)

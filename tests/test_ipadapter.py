@@ -23,8 +23,8 @@ from kiln.nodes.models.unet import diffusers_config
 from kiln.runtime.plan import load_plan
 from ipadapter_files import attention_sites, clip_vision_state_dict, ipadapter_state_dict
 from lora_files import UNET, read, save
-from plan_parity import assert_parity, plan_compiler
-from workflows import txt2img
+from plan_parity import assert_parity, backend_compilers
+from workflows import render, txt2img
 
 VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
@@ -230,21 +230,16 @@ def _advanced(adapter="ip-adapter-plus_sd15.safetensors", **inputs) -> dict:
     return workflow
 
 
-def _image(workflow, models, inputs, out):
-    result = run_workflow(workflow, models=models, input_dir=inputs, output_dir=out)
-    return np.asarray(Image.open(result.saved[0]))
-
-
 def test_ipadapter_workflows(ipa_models, tmp_path):
     models, inputs = ipa_models
-    plain = _image(txt2img(), models, inputs, tmp_path / "plain")
-    simple = _image(_simple(), models, inputs, tmp_path / "simple")
-    plus = _image(_simple(preset="PLUS (high strength)", weight_type="style transfer"), models, inputs,
+    plain = render(txt2img(), models, inputs, tmp_path / "plain")
+    simple = render(_simple(), models, inputs, tmp_path / "simple")
+    plus = render(_simple(preset="PLUS (high strength)", weight_type="style transfer"), models, inputs,
                   tmp_path / "plus")
-    advanced = _image(_advanced(), models, inputs, tmp_path / "advanced")
+    advanced = render(_advanced(), models, inputs, tmp_path / "advanced")
     assert len({plain.tobytes(), simple.tobytes(), plus.tobytes(), advanced.tobytes()}) == 4
-    assert np.array_equal(_image(_simple(weight=0.0), models, inputs, tmp_path / "w0"), plain)
-    assert np.array_equal(_image(_simple(start=1.0, end=1.0), models, inputs, tmp_path / "never"), plain)
+    assert np.array_equal(render(_simple(weight=0.0), models, inputs, tmp_path / "w0"), plain)
+    assert np.array_equal(render(_simple(start=1.0, end=1.0), models, inputs, tmp_path / "never"), plain)
 
 
 def test_the_seed_documents_ipadapter_graph_is_refused_with_the_fix(ipa_models, tmp_path):
@@ -282,9 +277,7 @@ def test_a_missing_preset_file_names_the_pattern(ipa_models, tmp_path):
 
 @pytest.fixture(scope="module")
 def ipa_build(ipa_models, tmp_path_factory):
-    models, inputs = ipa_models
-    folder, cache = tmp_path_factory.mktemp("ipa-plans"), tmp_path_factory.mktemp("ipa-cache")
-    return {backend: plan_compiler(folder / backend, models, inputs, backend, cache) for backend in ("aoti", "onnx")}
+    return backend_compilers(*ipa_models, tmp_path_factory, "ipa")
 
 
 @pytest.mark.parametrize("backend", ["aoti", "onnx"])
@@ -336,6 +329,6 @@ def test_the_readme_example_workflow_runs(ipa_models, tmp_path):
     workflow["12"]["inputs"]["image"] = "face.png"
     workflow["5"]["inputs"].update(width=64, height=64)
     workflow["3"]["inputs"]["steps"] = 3
-    with_adapter = _image(workflow, models, inputs, tmp_path / "a")
+    with_adapter = render(workflow, models, inputs, tmp_path / "a")
     workflow["3"]["inputs"]["model"] = ["4", 0]
-    assert not np.array_equal(with_adapter, _image(workflow, models, inputs, tmp_path / "b"))
+    assert not np.array_equal(with_adapter, render(workflow, models, inputs, tmp_path / "b"))

@@ -15,7 +15,7 @@ from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
 from kiln.runtime.manifest import WEIGHTS_MEMBER
 from kiln.runtime.plan import PlanReader, load_plan
 from lora_files import kohya_everything, read, save, whole_unet_lora, with_loras
-from plan_parity import assert_parity, plan_compiler
+from plan_parity import assert_parity, backend_compilers
 from workflows import txt2img
 
 
@@ -39,9 +39,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, models):
-    folder = tmp_path_factory.mktemp("lora-plans")
-    cache = tmp_path_factory.mktemp("lora-plan-cache")
-    builders = {backend: plan_compiler(folder / backend, models, None, backend, cache) for backend in ("aoti", "onnx")}
+    builders = backend_compilers(models, None, tmp_path_factory, "lora")
     return lambda backend, *args, **kw: builders[backend](*args, **kw)
 
 

@@ -106,3 +106,14 @@ PLAN_VARIANTS = {
     "inpaint-model-no-mask": lambda: txt2img("tiny-sd15-inpainting.safetensors"),
     "area-composition": area_composition,
 }
+
+
+def render(workflow: dict, models, inputs, out):
+    """The first image the interpreter saves for ``workflow``, as an array."""
+    import numpy as np
+    from PIL import Image
+
+    from kiln.api import run_workflow
+
+    result = run_workflow(workflow, models=models, input_dir=inputs, output_dir=out)
+    return np.asarray(Image.open(result.saved[0]))

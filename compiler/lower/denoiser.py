@@ -98,7 +98,8 @@ class Denoiser(nn.Module):
 class GuidedDenoiser(Denoiser):
     """``forward(x, sigma, cfg, *conditioning tensors)`` -> ``(denoised, uncond_denoised)`` for
     conditioning the plain denoiser does not take: several entries per side, areas, masks,
-    strengths, ControlNets over the whole schedule (their modules become submodules). It runs
+    strengths, ControlNets (their modules become submodules; a start/end window is a select on
+    sigma). It runs
     the interpreter's own ``prepare_conds`` + ``calc_cond_batch`` (areas
     resolved, masks resized, entries batched as ComfyUI batches them) at the concrete latent size
     it is exported for, then the CFG combine. The tensors arrive as ``<side>.<entry>.<field>``

@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.exc import UserError
 
 from kiln.compiler.lower.cache import compiled_artifact
-from kiln.compiler.lower.lora_targets import lora_table
+from kiln.compiler.lora_targets import lora_table
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
                                         export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile

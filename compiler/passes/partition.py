@@ -51,15 +51,6 @@ def partition_stages(c: Compilation) -> Compilation:
     return replace(c, stages=tuple(stages), values=builder.values, constants=kept, folded=folded)
 
 
-def _any_windowed(control) -> bool:
-    """A ControlNet in the chain applies over part of the schedule only."""
-    while control is not None:
-        if control.windowed:
-            return True
-        control = control.previous
-    return False
-
-
 def _plan_nodes() -> dict[str, registry.PlanSpec]:
     """The plan-capable nodes, samplers first (the order messages list them in)."""
     specs = {class_type: d.plan for class_type, d in registry.all_nodes().items() if d.plan is not None}
@@ -198,12 +189,6 @@ class _Partition:
         inputs = {}
         for side in ("positive", "negative"):
             cond = self.values[node.inputs[side]]
-            windowed = [entry["control"] for entry in cond.meta if _any_windowed(entry.get("control"))]
-            if windowed:
-                self._refuse(node, side, "a ControlNet with start_percent/end_percent other than 0 and 1 does not "
-                             "compile into plans yet; run this workflow with the interpreter (kiln run "
-                             "workflow.json)", "ControlNets over the whole schedule (0.0 to 1.0)",
-                             ", ".join(f"{c.percent_range[0]} to {c.percent_range[1]}" for c in windowed))
             runtime = sorted(name for name in cond.fields.values() if name not in self.c.constants)
             timed = sorted({k for entry in cond.meta for k in ("start_percent", "end_percent") if k in entry})
             if runtime or timed or model.in_channels != model.latent_format.channels:

@@ -97,20 +97,29 @@ def _openclip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["text_model.final_layer_norm." + k[len("ln_final."):]] = v
         elif k == "text_projection":
             out["text_projection.weight"] = v.t().contiguous()
-        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k):
-            layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
-            if rest.startswith("attn.in_proj_"):
-                suffix = rest[len("attn.in_proj_"):]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                    out[f"{layer}self_attn.{name}.{suffix}"] = part
-            else:
-                for old, new in _OPENCLIP_RENAMES.items():
-                    if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
-                        break
-                out[layer + rest] = v
-        # logit_scale and anything else (e.g. a visual tower) is not part of the text encoder
+        else:   # logit_scale and anything else (e.g. a visual tower) is not part of the text encoder
+            openclip_block(k, v, "text_model.encoder.layers.", out)
     return out
+
+
+def openclip_block(name: str, v: torch.Tensor, layers: str, out: dict[str, torch.Tensor]) -> bool:
+    """An OpenCLIP ``transformer.resblocks.N.*`` tensor into ``out`` under transformers'
+    ``<layers>N.*`` names (``in_proj`` split into q/k/v); False for any other name."""
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name)
+    if m is None:
+        return False
+    layer, rest = f"{layers}{m[1]}.", m[2]
+    if rest.startswith("attn.in_proj_"):
+        suffix = rest[len("attn.in_proj_"):]
+        for part, chunk in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+            out[f"{layer}self_attn.{part}.{suffix}"] = chunk
+        return True
+    for old, new in _OPENCLIP_RENAMES.items():
+        if rest.startswith(old + "."):
+            rest = new + rest[len(old):]
+            break
+    out[layer + rest] = v
+    return True
 
 
 def _count_layers(sd: dict[str, torch.Tensor]) -> int:

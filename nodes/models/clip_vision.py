@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from kiln.nodes.models.clip import openclip_block
 from kiln.nodes.models.detect import ModelFileError, describe_keys
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-_OPENCLIP_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                     "attn.out_proj": "self_attn.out_proj"}
 _FP32_PARTS = ("vision_model.pre_layrnorm.", "vision_model.post_layernorm.", "visual_projection.")
 
 
@@ -62,18 +61,8 @@ def _from_openclip(sd: dict[str, torch.Tensor], prefix: str = "visual.") -> dict
             out[fixed[name]] = v
         elif name == "proj":
             out["visual_projection.weight"] = v.transpose(0, 1).contiguous()
-        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name):
-            layer, rest = f"vision_model.encoder.layers.{m[1]}.", m[2]
-            if rest.startswith("attn.in_proj_"):
-                suffix = rest[len("attn.in_proj_"):]
-                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                    out[f"{layer}self_attn.{part}.{suffix}"] = chunk
-            else:
-                for old, new in _OPENCLIP_RENAMES.items():
-                    if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
-                        break
-                out[layer + rest] = v
+        else:
+            openclip_block(name, v, "vision_model.encoder.layers.", out)
     return out
 
 

@@ -173,12 +173,17 @@ class Control:
         with the chained previous ControlNet's; None outside every ControlNet's window."""
         previous = None if self.previous is None else self.previous.get_control(x, sigma, context, y,
                                                                                   batched_number, model)
-        if self.windowed:   # the full range (0, 1) holds every sigma: no test, so a plan can trace it
+        inside = None
+        if self.windowed:   # the full range (0, 1) holds every sigma: no test needed
             start, end = (model.model_sampling.percent_to_sigma(p) for p in self.percent_range)
-            if sigma[0] > start or sigma[0] < end:
+            if torch.compiler.is_exporting():   # a plan's denoiser: a select on sigma, not a branch
+                inside = (sigma[0] <= start) & (sigma[0] >= end)
+            elif sigma[0] > start or sigma[0] < end:
                 return previous
         down, mid = self.net.residuals(x, sigma, self._hint(x, batched_number), context, y, model)
         out = {"output": self._scaled(down), "middle": self._scaled([mid])}
+        if inside is not None:   # outside the window the residuals are zeros: the skips stay as they are
+            out = {key: [torch.where(inside, t, torch.zeros_like(t)) for t in values] for key, values in out.items()}
         if previous is not None:
             for key in ("output", "middle"):
                 mine = out[key]

@@ -53,6 +53,15 @@ _BASIC = (
 )
 
 
+def _attention_names(names: dict[str, str], diffusers: str, ldm: str, transformers: int) -> None:
+    """A SpatialTransformer's names: its projections and norm, then each transformer block's."""
+    for b in _ATTENTION:
+        names[f"{diffusers}.{b}"] = f"{ldm}.{b}"
+    for t in range(transformers):
+        for b in _TRANSFORMER_BLOCK:
+            names[f"{diffusers}.transformer_blocks.{t}.{b}"] = f"{ldm}.transformer_blocks.{t}.{b}"
+
+
 def unet_to_diffusers(config: UnetConfig) -> dict[str, str]:
     """diffusers UNet name -> LDM name, as ComfyUI's ``unet_to_diffusers`` lists them."""
     names: dict[str, str] = {}
@@ -67,20 +76,11 @@ def unet_to_diffusers(config: UnetConfig) -> dict[str, str]:
                 names[f"down_blocks.{x}.resnets.{i}.{diffusers}"] = f"input_blocks.{n}.0.{ldm}"
             transformers = depth.pop(0)
             if transformers > 0:
-                for b in _ATTENTION:
-                    names[f"down_blocks.{x}.attentions.{i}.{b}"] = f"input_blocks.{n}.1.{b}"
-                for t in range(transformers):
-                    for b in _TRANSFORMER_BLOCK:
-                        names[f"down_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = \
-                            f"input_blocks.{n}.1.transformer_blocks.{t}.{b}"
+                _attention_names(names, f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", transformers)
             n += 1
         for k in ("weight", "bias"):
             names[f"down_blocks.{x}.downsamplers.0.conv.{k}"] = f"input_blocks.{n}.0.op.{k}"
-    for b in _ATTENTION:
-        names[f"mid_block.attentions.0.{b}"] = f"middle_block.1.{b}"
-    for t in range(max(config.transformer_depth_middle, 0)):
-        for b in _TRANSFORMER_BLOCK:
-            names[f"mid_block.attentions.0.transformer_blocks.{t}.{b}"] = f"middle_block.1.transformer_blocks.{t}.{b}"
+    _attention_names(names, "mid_block.attentions.0", "middle_block.1", max(config.transformer_depth_middle, 0))
     for i, n in enumerate((0, 2)):
         for ldm, diffusers in _RESNET.items():
             names[f"mid_block.resnets.{i}.{diffusers}"] = f"middle_block.{n}.{ldm}"
@@ -95,12 +95,7 @@ def unet_to_diffusers(config: UnetConfig) -> dict[str, str]:
             transformers = depth_output.pop()
             if transformers > 0:
                 c += 1
-                for b in _ATTENTION:
-                    names[f"up_blocks.{x}.attentions.{i}.{b}"] = f"output_blocks.{n}.1.{b}"
-                for t in range(transformers):
-                    for b in _TRANSFORMER_BLOCK:
-                        names[f"up_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = \
-                            f"output_blocks.{n}.1.transformer_blocks.{t}.{b}"
+                _attention_names(names, f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", transformers)
             if i == count - 1:
                 for k in ("weight", "bias"):
                     names[f"up_blocks.{x}.upsamplers.0.conv.{k}"] = f"output_blocks.{n}.{c}.conv.{k}"
