@@ -79,6 +79,11 @@ def lora_overrides(weights: dict[str, torch.Tensor], constant_names: dict[str, d
                   if spec.groups is None or set(g["sources"]) & set(spec.groups)]
         sd = read_lora_file(spec.path)
         _check_clip_kept(spec, [g for _, g in groups], sd)
+        if spec.strength_clip == 0 and not any(g["kind"] == "clip" and g["targets"] for _, g in groups):
+            # a text-encoder part at strength 0 changes nothing; ComfyUI adds it silently
+            sd = {name: t for name, t in sd.items() if not name.startswith(_CLIP_LORA_PREFIXES)}
+            if not sd:
+                continue
         key_map = {name: key for _, group in groups for name, key in group["keys"].items()}
         what = " and ".join(sorted({g["kind"] for _, g in groups})) + " weights of this plan"
         try:
