@@ -301,13 +301,13 @@ def test_simple_ipadapter_plan_with_a_runtime_prompt(ipa_models, ipa_build, tmp_
     assert_parity(workflow, plan, tmp_path, models, inputs, values={"6.text": "a (blue:1.2) bird"})
 
 
-def test_plans_refuse_an_ipadapter_mask_clearly(ipa_models, ipa_build, tmp_path):
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_an_ipadapter_mask_compiles_at_the_plans_size(ipa_models, ipa_build, tmp_path, backend):
+    models, inputs = ipa_models
     workflow = _advanced()
     workflow["34"] = {"class_type": "LoadImageMask", "inputs": {"image": "face.png", "channel": "red"}}
     workflow["32"]["inputs"]["attn_mask"] = ["34", 0]
-    with pytest.raises(KilnError) as failure:
-        ipa_build["aoti"]("masked", workflow)
-    assert "attn_mask" in failure.value.problems[-1].message
+    assert_parity(workflow, ipa_build[backend]("masked", workflow), tmp_path, models, inputs)
 
 
 def test_faceid_files_are_refused():

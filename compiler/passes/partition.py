@@ -130,11 +130,6 @@ class _Partition:
 
     def _sample(self, node: Node, definition: registry.NodeDef) -> None:
         model = self._handle(node.inputs["model"])
-        masked = [patch for patch in getattr(model, "ip_adapters", ()) if patch.mask is not None]
-        if masked:
-            self._refuse(node, "model", "an IP-Adapter attn_mask does not compile into plans yet; run this "
-                         "workflow with the interpreter (kiln run workflow.json)", "IP-Adapters without attn_mask",
-                         f"{len(masked)} masked IP-Adapter patch(es)")
         channels = model.latent_format.channels
         if model.in_channels not in (channels, 2 * channels + 1):
             self._refuse(node, "model", "plans take UNets with the latent's channels, or an inpainting UNet's "

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.errors import Problem
 from kiln.nodes.models.ipadapter import IPAdapterPatch, tensor_to_size
 from kiln.nodes.models.patching import ShallowCopy
+from kiln.nodes.plan import NeedsStaticShapes, is_static
 
 
 @dataclass
@@ -141,14 +143,21 @@ def ip_term(patch: IPAdapterPatch, site: Site, q: torch.Tensor, heads: int, stat
         out = _attention(q, ip_k * weight, ip_v * weight, heads)
     else:
         out = _attention(q, ip_k, ip_v, heads) * weight
-    if patch.mask is not None:
-        out = out * _mask(patch.mask, q.shape[1], out.shape[2], batch_prompt, len(cond_or_uncond), state.latent_shape)
+    if patch.masked:
+        out = out * _mask(patch.embeds.mask, q.shape[1], out.shape[2], batch_prompt, len(cond_or_uncond),
+                          state.latent_shape)
     return out.to(dtype=dtype)
 
 
 def _mask(mask: torch.Tensor, seq_len: int, channels: int, batch_prompt: int, chunks: int,
           latent_shape: tuple[int, ...]) -> torch.Tensor:
-    """The attention mask at this attention's token grid (the pack's aspect-preserving fit)."""
+    """The attention mask at this attention's token grid (the pack's aspect-preserving fit); its
+    sizes are worked out in Python, so a plan compiles it at concrete sizes only."""
+    if not is_static(seq_len, batch_prompt, *latent_shape):
+        raise NeedsStaticShapes(Problem("unsupported_in_plan", "an IP-Adapter attn_mask is fitted to the latent "
+                                        "at a concrete size and batch", input_name="attn_mask",
+                                        expected="a constant EmptyLatentImage size and batch_size",
+                                        found="runtime sizes"))
     oh, ow = latent_shape[-2], latent_shape[-1]
     mask_h = oh / math.sqrt(oh * ow / seq_len)
     mask_h = int(mask_h) + int((seq_len % int(mask_h)) != 0)

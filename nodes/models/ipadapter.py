@@ -246,12 +246,16 @@ class IPAdapterPatch:
     sigma_start: float
     sigma_end: float
     embeds_scaling: str = "V only"
-    mask: torch.Tensor | None = None
+    mask: InitVar[torch.Tensor | None] = None
     cond_alt: dict = field(default_factory=dict)
-    embeds: Tensors = field(init=False)     # cond and uncond, as buffers
+    embeds: Tensors = field(init=False)     # cond, uncond and the attn_mask if any, as buffers
 
-    def __post_init__(self, cond: torch.Tensor, uncond: torch.Tensor):
-        self.embeds = Tensors(cond=cond, uncond=uncond)
+    def __post_init__(self, cond: torch.Tensor, uncond: torch.Tensor, mask: torch.Tensor | None):
+        self.embeds = Tensors(cond=cond, uncond=uncond, **({} if mask is None else {"mask": mask}))
+
+    @property
+    def masked(self) -> bool:
+        return hasattr(self.embeds, "mask")
 
 
 def prepare(model, file: dict, clip_vision, image: torch.Tensor, *, weight: float, weight_type: str,
