@@ -66,13 +66,13 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
                        lora_dirs=tuple(Path(d) for d in lora_dirs))
     run = PlanRun(images=ctx.images)
     applied: list = []
+    lora_nodes = [n for s in manifest.stages if s.kind == "lora" for n in s.node_ids]
     with torch.inference_mode():
         for index, stage in enumerate(manifest.stages):
             args = {local: env[name] for local, name in stage.inputs.items()}
             if kind_of(stage).compiled and ctx.loras != applied:   # the run's LoRAs patch the weights
                 start = time.perf_counter()
                 ctx.compiled, applied = plan.compiled_with(ctx.loras), list(ctx.loras)
-                lora_nodes = [n for s in manifest.stages if s.kind == "lora" for n in s.node_ids]
                 run.timings.append(StageTiming("lora_patch", "lora", lora_nodes, time.perf_counter() - start))
             if on_stage is not None:
                 on_stage(stage)

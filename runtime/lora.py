@@ -26,7 +26,8 @@ LORA_MEMBER = "lora.json"
 _CLIP_LORA_PREFIXES = ("lora_te", "text_encoder", "lora_prior_te")
 _SAFETENSORS = (".safetensors", ".sft")
 _TORCH = (".ckpt", ".pt", ".pth", ".bin")
-_SPEC = re.compile(r"^(?P<path>.+?)(?::(?P<model>-?[0-9.]+))?(?::(?P<clip>-?[0-9.]+))?$")
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)"
+_SPEC = re.compile(rf"^(?P<path>.+?)(?::(?P<model>{_NUMBER}))?(?::(?P<clip>{_NUMBER}))?$")
 
 
 @dataclass(frozen=True)

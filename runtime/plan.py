@@ -229,7 +229,7 @@ class _StageLoader:
                  providers: list[str], settings: Settings):
         self.reader, self.weights, self.device, self.providers, self.settings = (reader, weights, device,
                                                                                  providers, settings)
-        self.table = read_table(reader.member(LORA_MEMBER)) if LORA_MEMBER in reader.entries else None
+        self._table: dict | None = None   # lora.json, read when a LoRA is first applied (not at every load)
         self.unpatched: dict[tuple, CompiledStage | OnnxStage] = {}
         self.variants: OrderedDict[tuple, dict] = OrderedDict()
 
@@ -241,7 +241,9 @@ class _StageLoader:
             return self.variants[key], 0.0
         manifest = self.reader.manifest
         start = time.perf_counter()
-        overrides = lora_overrides(self.weights, {s.name: s.constant_names for s in manifest.stages}, self.table,
+        if loras and self._table is None and LORA_MEMBER in self.reader.entries:
+            self._table = read_table(self.reader.member(LORA_MEMBER))
+        overrides = lora_overrides(self.weights, {s.name: s.constant_names for s in manifest.stages}, self._table,
                                    loras)
         patch_seconds = time.perf_counter() - start
         compiled, patched_loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
