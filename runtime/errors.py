@@ -9,8 +9,10 @@ class PlanError(KilnError):
     """A plan, or a value given to it, that the runtime refuses to run."""
 
     def __init__(self, code: str, message: str, *, input_name: str | None = None,
-                 expected: str | None = None, found: str | None = None, hint: str | None = None):
-        self.problem = Problem(code, message, input_name=input_name, expected=expected, found=found, hint=hint)
+                 expected: str | None = None, found: str | None = None, hint: str | None = None,
+                 node_id: str | None = None, class_type: str | None = None):
+        self.problem = Problem(code, message, node_id=node_id, class_type=class_type, input_name=input_name,
+                               expected=expected, found=found, hint=hint)
         super().__init__([self.problem])
 
     def format(self) -> str:

@@ -121,7 +121,8 @@ def test_runtime_lora_names_are_checked(build, models, tmp_path):
     for name, words in cases.items():
         with pytest.raises(PlanError, match=words) as failure:
             run_plan(loaded, {"30.lora_name": name}, output_dir=tmp_path / "x", lora_dirs=[models / "loras"])
-        assert failure.value.problem.input_name == "node 30 lora_name"
+        problem = failure.value.problem
+        assert (problem.node_id, problem.class_type, problem.input_name) == ("30", "LoraLoader", "lora_name")
     with pytest.raises(PlanError, match="given no LoRA folders"):
         run_plan(loaded, {}, output_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()

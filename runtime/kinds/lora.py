@@ -24,25 +24,28 @@ class Lora(StageKind):
         if strength_model == 0 and strength_clip == 0:
             return {}
         groups = tuple(stage.params[k] for k in ("model", "clip") if k in stage.params)
-        ctx.loras.append(LoraSpec(resolve_lora(name, ctx.lora_dirs, stage), strength_model, strength_clip, groups))
+        node_id = stage.node_ids[0]
+        class_type = ((ctx.prompt or {}).get(node_id) or {}).get("class_type")
+        path = resolve_lora(name, ctx.lora_dirs, node_id, class_type)
+        ctx.loras.append(LoraSpec(path, strength_model, strength_clip, groups))
         return {}
 
 
-def resolve_lora(name: str, folders, stage) -> Path:
+def resolve_lora(name: str, folders, node_id: str, class_type: str | None) -> Path:
     """``name`` as a file in one of ``folders``: relative, without ``..`` (a request never names a
     file outside them; links placed inside them by the owner are followed, as ComfyUI does)."""
-    where = f"node {', '.join(stage.node_ids)} lora_name"
+    where = {"node_id": node_id, "class_type": class_type, "input_name": "lora_name"}
     relative = PurePosixPath(name.replace("\\", "/"))
     if not name or relative.is_absolute() or ".." in relative.parts:
-        raise PlanError("invalid_input", "a LoRA name is a file inside the LoRA folders", input_name=where,
+        raise PlanError("invalid_input", "a LoRA name is a file inside the LoRA folders", **where,
                         expected="a relative name such as style.safetensors", found=repr(name))
     if not folders:
         raise PlanError("missing_lora", "this plan applies a LoRA by name and was given no LoRA folders",
-                        input_name=where, expected="kiln run x.plan --models <ComfyUI models folder> (its loras/)",
+                        **where, expected="kiln run x.plan --models <ComfyUI models folder> (its loras/)",
                         found=repr(name))
     for folder in folders:
         candidate = Path(folder) / relative
         if candidate.is_file():
             return candidate
-    raise PlanError("missing_lora", "no such LoRA file", input_name=where,
+    raise PlanError("missing_lora", "no such LoRA file", **where,
                     expected="a file in " + ", ".join(str(f) for f in folders), found=repr(name))
