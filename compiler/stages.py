@@ -5,8 +5,8 @@ turns into a plan file. Values at run time live in an environment of named tenso
 (``kiln.runtime.env`` spells the names); ``flatten``/``unflatten`` define the fields.
 
 Module stages carry their chain of workflow nodes (``Stage.members``); ``chain_members`` resolves
-each member's inputs for ``build_chain``: a widget constant stays a Python value, a MODEL/CLIP/
-VAE/UPSCALE_MODEL link becomes its compile-time handle, a link to an earlier member stays a
+each member's inputs for ``build_chain``: a widget constant stays a Python value, a model-type
+(``MODEL_TYPES``) link becomes its compile-time handle, a link to an earlier member stays a
 ``Link``, and a tensor the stage receives becomes a ``StageInput`` naming its positions.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from kiln.nodes import registry
 from kiln.nodes.folders import ModelFolders
 from kiln.nodes.image import IMAGE_TO_UINT8
 from kiln.nodes.registry import NodeDef
+from kiln.runtime import env as env_names
 from kiln.runtime.manifest import RuntimeInput
 
 # Socket types whose values are modules: evaluated at compile time, never plan constants.
-MODEL_TYPES = frozenset({"MODEL", "CLIP", "VAE", "UPSCALE_MODEL"})
+MODEL_TYPES = frozenset({"MODEL", "CLIP", "VAE", "UPSCALE_MODEL", "CONTROL_NET", "CLIP_VISION", "IPADAPTER"})
 # How a value's tensor is laid out, for the dims lowering keeps dynamic: (socket type, field) -> layout.
 LAYOUTS = {("LATENT", "samples"): "latent", ("IMAGE", "value"): "image", ("MASK", "value"): "image"}
 
@@ -67,6 +68,21 @@ class EnvValue:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """A buffer that a bind node built from a workflow image and that the run-time image's
+    tensor replaces: field ``field`` of that node's module stage (``PlanSpec.bound``)."""
+
+    node_id: str
+    field: str
+    module: Any      # the kiln.nodes.models.patching.Tensors holding it
+    buffer: str
+
+    @property
+    def env(self) -> str:
+        return env_names.value_env(self.node_id, 0, self.field)
+
+
+@dataclass(frozen=True)
 class StageInput:
     """A member input a module stage receives as positional tensors: field -> position."""
 
@@ -96,6 +112,7 @@ class Compilation:
     handles: dict[str, tuple] = field(default_factory=dict)      # model node -> compile-time outputs
     folded_clips: tuple[tuple[str, str, Any], ...] = ()          # (folded node, CLIP source, the CLIP)
     runtime_loras: tuple[Node, ...] = ()         # LoRA nodes applied at run time (runtime_loras pass)
+    bindings: tuple[Binding, ...] = ()           # buffers run-time images replace (fold_constants)
     # Where socket values live at run time: folded outputs run-time nodes read (fold_constants),
     # then every value a stage reads (partition_stages).
     values: dict[Link, EnvValue] = field(default_factory=dict)
@@ -153,6 +170,32 @@ def unflatten(socket_type: str, fields: dict[str, torch.Tensor], meta: Any = Non
         return [[parts.pop("cond"), {**(meta[i] if meta else {}), **parts}]
                 for i, parts in sorted(entries.items())]
     return fields["value"]
+
+
+def controls(options: dict[str, list[dict]]) -> list:
+    """The ControlNets (``kiln.nodes.models.controlnet.Control``) of conditioning entries'
+    options, and the ones they chain, once each."""
+    found: dict[int, object] = {}
+    for entries in options.values():
+        for entry in entries or ():
+            control = entry.get("control") if isinstance(entry, dict) else None
+            while control is not None:
+                found.setdefault(id(control), control)
+                control = control.previous
+    return list(found.values())
+
+
+def bound_buffers(model, options: dict[str, list[dict]], bindings) -> dict[str, list[tuple[Any, str]]]:
+    """env name -> the (Tensors, buffer) places it replaces, for the ``bindings``
+    (``Binding``) this sampler's MODEL (IP-Adapter embeds) and conditioning
+    entries (ControlNet hints, chained ones included) reach, in binding order."""
+    reached = {id(patch.embeds) for patch in model.ip_adapters}
+    reached.update(id(control.source) for control in controls(options))
+    out: dict[str, list] = {}
+    for binding in bindings:
+        if id(binding.module) in reached:
+            out.setdefault(binding.env, []).append((binding.module, binding.buffer))
+    return out
 
 
 def node_def(class_type: str) -> NodeDef | None:

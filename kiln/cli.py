@@ -196,7 +196,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     with ProgressBars() as bars:
         result = run_plan(plan, values, output_dir=args.output, on_step=None if args.quiet else bars,
-                          settings=args.settings, lora_dirs=[args.models / "loras"] if args.models else [])
+                          settings=args.settings, lora_dirs=[args.models / "loras"] if args.models else [],
+                          input_dir=args.input_dir)
     if args.timings:
         stages = ", ".join(f"{t.name} {t.seconds:.2f}s" for t in result.timings)
         provider = f" ({plan.providers[0]})" if plan.providers else ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from kiln.kernels.errors import InputError
 from kiln.nodes.loaders import load_once
-from kiln.nodes.registry import COMBO, FLOAT, SOCKET, RunContext, node
+from kiln.nodes.plan import NodeModule
+from kiln.nodes.registry import COMBO, FLOAT, SOCKET, PlanSpec, RunContext, node
 
 
 @node("ControlNetLoader", [COMBO("control_net_name", (), folder="controlnet")], ("CONTROL_NET",),
@@ -31,7 +32,7 @@ def _controlled(conditioning: list, control_net, image, strength: float, percent
     one; entries with the same previous share one copy (so both CFG sides batch together)."""
     from kiln.nodes.models.controlnet import Control
 
-    hint = image.movedim(-1, 1)
+    hint = as_hint(image)
     out = []
     for cond, options in conditioning:
         previous = options.get("control")
@@ -42,9 +43,35 @@ def _controlled(conditioning: list, control_net, image, strength: float, percent
     return out
 
 
+def as_hint(image):
+    """IMAGE [B,H,W,C] -> the hint a Control holds, [B,C,H,W]."""
+    return image.movedim(-1, 1)
+
+
+class HintModule(NodeModule):
+    """A run-time hint image as the Controls of the node hold it (plans bind it, ``PlanSpec.bound``)."""
+
+    def forward(self, image):
+        return {"control_hint": as_hint(image)}
+
+
+def _new_hints(inputs: dict, outputs: tuple) -> dict:
+    """The hint buffers of the Controls this node made (not those of the entries it was given)."""
+    def controls(conditioning_lists):
+        return {id(o["control"]): o["control"] for cl in conditioning_lists for _, o in cl if o.get("control")}
+    given = controls(v for k, v in inputs.items() if k in ("conditioning", "positive", "negative"))
+    made = controls(outputs)
+    return {"control_hint": [(c.source, "hint") for key, c in made.items() if key not in given]}
+
+
+# ComfyUI evaluates these with their hint; in a plan the hint may be a run-time image.
+_HINT_PLAN = PlanSpec("bind", sockets=("image",), computes=("control_hint",), lower=lambda node, w: HintModule(node),
+                      bound=_new_hints)
+
+
 @node("ControlNetApply", [SOCKET("conditioning", "CONDITIONING"), SOCKET("control_net", "CONTROL_NET"),
                           SOCKET("image", "IMAGE"), FLOAT("strength", 1.0, 0.0, 10.0, 0.01)],
-      ("CONDITIONING",), category="conditioning/controlnet", display_name="Apply ControlNet (OLD)")
+      ("CONDITIONING",), category="conditioning/controlnet", display_name="Apply ControlNet (OLD)", plan=_HINT_PLAN)
 def controlnet_apply(conditioning, control_net, image, strength: float):
     if strength == 0:
         return (conditioning,)
@@ -60,7 +87,8 @@ def controlnet_apply(conditioning, control_net, image, strength: float):
                                   FLOAT("strength", 1.0, 0.0, 10.0, 0.01),
                                   FLOAT("start_percent", 0.0, 0.0, 1.0, 0.001),
                                   FLOAT("end_percent", 1.0, 0.0, 1.0, 0.001), SOCKET("vae", "VAE", optional=True)],
-      ("CONDITIONING", "CONDITIONING"), category="conditioning/controlnet", display_name="Apply ControlNet")
+      ("CONDITIONING", "CONDITIONING"), category="conditioning/controlnet", display_name="Apply ControlNet",
+      plan=_HINT_PLAN)
 def controlnet_apply_advanced(positive, negative, control_net, image, strength: float, start_percent: float,
                               end_percent: float, vae=None):
     """``vae`` is for ControlNets working on latents (SD3, Flux), which kiln does not load; SD

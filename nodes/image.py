@@ -1,6 +1,7 @@
 """Image nodes: LoadImage, LoadImageMask, SaveImage, PreviewImage, ImageScale, ImageScaleBy.
 
-Loading reproduces ``nodes.py`` pixel for pixel (8-bit values / 255); saving (ComfyUI's file
+Loading reproduces ``nodes.py`` pixel for pixel (``kiln.runtime.image_loading``, shared with plan
+runs, whose ``load_image`` stages read a runtime file name); saving (ComfyUI's file
 naming, ``uint8(clip(255*x))`` truncation, atomic writes) lives in ``kiln.runtime.images``,
 shared with plan runs. The resizes' size rules are shared by the eager functions and the plan
 modules (``kiln.nodes.resize.ResizeModule``).
@@ -9,78 +10,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from kiln.kernels.images import to_uint8
 from kiln.nodes.folders import IMAGE_EXTENSIONS, list_files
 from kiln.nodes.plan import NodeModule, need_static
 from kiln.nodes.registry import COMBO, FLOAT, INT, SOCKET, STRING, NodeDef, PlanSpec, RunContext, UiOutput, node
 from kiln.nodes.resize import ResizeModule, resize, scale_by_size
+from kiln.runtime.image_loading import pillow, read_image, to_float
 from kiln.runtime.images import write_pngs, write_previews
 
 MAX_RESOLUTION = 16384
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
-
-# Multi-frame formats whose extra frames are not an animation (MPO: stereo/preview JPEGs).
-_SINGLE_IMAGE_FORMATS = ("MPO",)
 
 
 def _input_images(ctx: RunContext) -> list[str]:
     return list_files(Path(ctx.input_dir), IMAGE_EXTENSIONS) if ctx.input_dir else []
 
 
-def _pillow(fn, arg):
-    """Retry once with truncated-file loading on, as ComfyUI's ``node_helpers.pillow`` does."""
-    try:
-        return fn(arg)
-    except (OSError, UnidentifiedImageError, ValueError):
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-            return fn(arg)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _open_input(ctx: RunContext, name: str) -> Image.Image:
+def _input_path(ctx: RunContext, name: str) -> Path:
     if ctx.input_dir is None:
         raise ValueError("no input folder configured to load images from")
-    return _pillow(Image.open, Path(ctx.input_dir) / name)
-
-
-def _to_float(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
+    return Path(ctx.input_dir) / name
 
 
 @node("LoadImage", [COMBO("image", _input_images, folder="input")], ["IMAGE", "MASK"],
-      category="image", needs_context=True, display_name="Load Image")
+      category="image", needs_context=True, display_name="Load Image",
+      plan=PlanSpec("load_image", runtime_widgets={"image": "image"}))
 def load_image(ctx: RunContext, image: str):
-    """IMAGE [F,H,W,3] and MASK [F,H,W] = 1 - alpha (a 64x64 zero mask without alpha).
-
-    Frames of a multi-frame file are batched; frames whose size differs from the first are
-    skipped. 32-bit integer ("I") images are divided by 255 before the RGB conversion clips them.
-    """
-    images, masks = [], []
-    with _open_input(ctx, image) as img:
-        for frame in ImageSequence.Iterator(img):
-            frame = _pillow(ImageOps.exif_transpose, frame)
-            if frame.mode == "I":
-                frame = frame.point(lambda v: v * (1 / 255))
-            rgb = frame.convert("RGB")
-            if images and rgb.size != (images[0].shape[1], images[0].shape[0]):
-                continue
-            images.append(_to_float(rgb))
-            if "A" in frame.getbands():
-                masks.append(1. - _to_float(frame.getchannel("A")))
-            elif frame.mode == "P" and "transparency" in frame.info:
-                masks.append(1. - _to_float(frame.convert("RGBA").getchannel("A")))
-            else:
-                masks.append(torch.zeros((64, 64), dtype=torch.float32))
-        if len(images) > 1 and img.format not in _SINGLE_IMAGE_FORMATS:
-            return torch.stack(images), torch.stack(masks)
-    return images[0][None], masks[0][None]
+    """IMAGE and MASK (``kiln.runtime.image_loading.read_image``, which plan runs share)."""
+    return read_image(_input_path(ctx, image))
 
 
 @node("LoadImageMask",
@@ -88,8 +48,8 @@ def load_image(ctx: RunContext, image: str):
       ["MASK"], category="mask", needs_context=True, display_name="Load Image (as Mask)")
 def load_image_mask(ctx: RunContext, image: str, channel: str):
     """One channel of the (first frame of the) file as a MASK [1,H,W]; alpha is inverted."""
-    with _open_input(ctx, image) as img:
-        frame = _pillow(ImageOps.exif_transpose, img)
+    with pillow(Image.open, _input_path(ctx, image)) as img:
+        frame = pillow(ImageOps.exif_transpose, img)
         if frame.getbands() != ("R", "G", "B", "A"):
             if frame.mode == "I":
                 frame = frame.point(lambda v: v * (1 / 255))
@@ -97,7 +57,7 @@ def load_image_mask(ctx: RunContext, image: str, channel: str):
         band = channel[0].upper()
         if band not in frame.getbands():
             return (torch.zeros((1, 64, 64), dtype=torch.float32),)
-        mask = _to_float(frame.getchannel(band))
+        mask = to_float(frame.getchannel(band))
     return ((1. - mask if band == "A" else mask)[None],)
 
 

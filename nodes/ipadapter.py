@@ -10,7 +10,8 @@ from kiln.kernels.errors import InputError
 from kiln.nodes.clip_vision import load_clip_vision_file
 from kiln.nodes.loaders import load_once
 from kiln.nodes.models.ipadapter import COMBINE_EMBEDS, EMBEDS_SCALING, WEIGHT_TYPES
-from kiln.nodes.registry import COMBO, FLOAT, SOCKET, RunContext, node
+from kiln.nodes.plan import NodeModule
+from kiln.nodes.registry import COMBO, FLOAT, SOCKET, PlanSpec, RunContext, node
 
 PRESETS = ("LIGHT - SD1.5 only (low strength)", "STANDARD (medium strength)", "VIT-G (medium strength)",
            "PLUS (high strength)", "PLUS FACE (portraits)", "FULL FACE - SD1.5 only (portraits stronger)")
@@ -109,6 +110,64 @@ def ipadapter_unified_loader(ctx: RunContext, model, preset: str, ipadapter=None
     return model, IPAdapterPipeline(adapter, clip_vision, {"clipvision": clip_name, "ipadapter": adapter_name})
 
 
+def _simple_models(ipadapter) -> tuple[IPAdapterFile, object]:
+    if not isinstance(ipadapter, IPAdapterPipeline):
+        raise InputError("ipadapter", "IPAdapter model not present in the pipeline. Please load the models with "
+                         "the IPAdapterUnifiedLoader node.", expected="IPAdapterUnifiedLoader's ipadapter output",
+                         found="an IPAdapterModelLoader model (use IPAdapterAdvanced with a clip_vision input)")
+    return ipadapter.ipadapter, ipadapter.clip_vision
+
+
+def _advanced_models(ipadapter, clip_vision=None) -> tuple[IPAdapterFile, object]:
+    if isinstance(ipadapter, IPAdapterPipeline):
+        adapter, clip_vision = ipadapter.ipadapter, clip_vision if clip_vision is not None else ipadapter.clip_vision
+    else:
+        adapter = ipadapter
+    if clip_vision is None:
+        raise InputError("clip_vision", "Missing CLIPVision model.", expected="a CLIP_VISION input (CLIPVisionLoader) "
+                         "or IPAdapterUnifiedLoader's pipeline", found="none")
+    return adapter, clip_vision
+
+
+class ReferenceTokens(NodeModule):
+    """A plan's IP-Adapter tokens from run-time reference images (``reference_tokens``, as the
+    node computes them); the denoiser reads them in place of the patch's embeds."""
+
+    def __init__(self, node, model, adapter: IPAdapterFile, clip_vision, combine_embeds: str):
+        from kiln.nodes.models.ipadapter import IPAdapterModule, adapter_kind
+
+        super().__init__(node)
+        self.kind = adapter_kind(adapter.model)
+        self.clip_vision = clip_vision
+        self.encoder = clip_vision.model            # so export finds the weights
+        self.adapter = IPAdapterModule(adapter.model, self.kind).to(model.device, model.dtype)
+        self.combine_embeds, self.device, self.dtype = combine_embeds, model.device, model.dtype
+
+    def forward(self, image, image_negative=None):
+        from kiln.nodes.models.ipadapter import reference_tokens
+
+        cond, uncond = reference_tokens(self.clip_vision, self.adapter, self.kind, image, image_negative,
+                                        self.combine_embeds, self.device, self.dtype)
+        return {"ip_cond": cond, "ip_uncond": uncond}
+
+
+def _new_embeds(inputs: dict, outputs: tuple) -> dict:
+    """The embeds of the patch this node added (the model it was given may carry others)."""
+    given = {id(patch) for patch in inputs["model"].ip_adapters}
+    made = [patch for patch in outputs[0].ip_adapters if id(patch) not in given]
+    return {"ip_cond": [(p.embeds, "cond") for p in made], "ip_uncond": [(p.embeds, "uncond") for p in made]}
+
+
+def _reference_plan(models, sockets: tuple[str, ...]) -> PlanSpec:
+    """Reference images may be run-time values in a plan: their tokens are computed at run time."""
+    def lower(node, w):
+        adapter, clip_vision = models(w["ipadapter"], **({"clip_vision": w["clip_vision"]} if "clip_vision" in w
+                                                        else {}))
+        return ReferenceTokens(node, w["model"], adapter, clip_vision, w.get("combine_embeds", "concat"))
+    return PlanSpec("bind", sockets=sockets, computes=("ip_cond", "ip_uncond"), lower=lower,
+                    bound=_new_embeds)
+
+
 def _apply(model, adapter: IPAdapterFile, clip_vision, image, **options):
     from kiln.nodes.models.detect import ModelFileError
     from kiln.nodes.models.ipadapter import prepare
@@ -138,17 +197,14 @@ def _simple_misuse(inputs: dict) -> str | None:
                     FLOAT("end_at", 1.0, 0.0, 1.0, 0.001), COMBO("weight_type", SIMPLE_WEIGHT_TYPES),
                     SOCKET("attn_mask", "MASK", optional=True)],
       ("MODEL",), category="ipadapter", display_name="IPAdapter", misuse_hint=_simple_misuse,
-      python_module="custom_nodes.ComfyUI_IPAdapter_plus")
+      python_module="custom_nodes.ComfyUI_IPAdapter_plus", plan=_reference_plan(_simple_models, ("image",)))
 def ipadapter_simple(model, ipadapter, image, weight: float, start_at: float, end_at: float, weight_type: str,
                      attn_mask=None):
     """The pack's ``IPAdapterSimple``: the unified loader's pipeline, three weight curves."""
-    if not isinstance(ipadapter, IPAdapterPipeline):
-        raise InputError("ipadapter", "IPAdapter model not present in the pipeline. Please load the models with "
-                         "the IPAdapterUnifiedLoader node.", expected="IPAdapterUnifiedLoader's ipadapter output",
-                         found="an IPAdapterModelLoader model (use IPAdapterAdvanced with a clip_vision input)")
+    adapter, clip_vision = _simple_models(ipadapter)
     curve = "style transfer" if weight_type.startswith("style") else \
         "ease out" if weight_type == "prompt is more important" else "linear"
-    return (_apply(model, ipadapter.ipadapter, ipadapter.clip_vision, image, weight=weight, weight_type=curve,
+    return (_apply(model, adapter, clip_vision, image, weight=weight, weight_type=curve,
                    combine_embeds="concat", start_at=start_at, end_at=end_at, embeds_scaling="V only",
                    attn_mask=attn_mask),)
 
@@ -160,18 +216,12 @@ def ipadapter_simple(model, ipadapter, image, weight: float, start_at: float, en
                             SOCKET("image_negative", "IMAGE", optional=True),
                             SOCKET("attn_mask", "MASK", optional=True),
                             SOCKET("clip_vision", "CLIP_VISION", optional=True)], ("MODEL",), category="ipadapter",
-      display_name="IPAdapter Advanced",
-      python_module="custom_nodes.ComfyUI_IPAdapter_plus")
+      display_name="IPAdapter Advanced", python_module="custom_nodes.ComfyUI_IPAdapter_plus",
+      plan=_reference_plan(_advanced_models, ("image", "image_negative")))
 def ipadapter_advanced(model, ipadapter, image, weight: float, weight_type: str, combine_embeds: str,
                        start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                        clip_vision=None):
-    if isinstance(ipadapter, IPAdapterPipeline):
-        adapter, clip_vision = ipadapter.ipadapter, clip_vision if clip_vision is not None else ipadapter.clip_vision
-    else:
-        adapter = ipadapter
-    if clip_vision is None:
-        raise InputError("clip_vision", "Missing CLIPVision model.", expected="a CLIP_VISION input (CLIPVisionLoader) "
-                         "or IPAdapterUnifiedLoader's pipeline", found="none")
+    adapter, clip_vision = _advanced_models(ipadapter, clip_vision)
     return (_apply(model, adapter, clip_vision, image, weight=weight, weight_type=weight_type,
                    combine_embeds=combine_embeds, start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling,
                    image_negative=image_negative, attn_mask=attn_mask),)

@@ -48,7 +48,7 @@ class InputSpec:
 
 
 # What a plan stage of each kind is built from (kiln.runtime.kinds executes them).
-PLAN_KINDS = ("sample", "empty_latent", "save_image", "module", "lora")
+PLAN_KINDS = ("sample", "empty_latent", "save_image", "module", "lora", "load_image", "bind")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,14 @@ class PlanSpec:
     ``lower(node, widgets)`` builds the export-safe ``nn.Module`` whose ``forward(**sockets)``
     returns output 0, from the node (id, class_type, title: for error messages) and its constant
     widget values and model handles.
+
+    ``bind`` nodes (ControlNetApply, IPAdapter) are evaluated at compile time like folded ones,
+    even when the image ``sockets`` they name are run-time values: what they build (a Control,
+    an IP-Adapter patch) holds the tensors derived from those images in ``Tensors`` buffers,
+    which ``bound(outputs)`` finds (field -> [(Tensors, buffer name)]). A module stage lowered
+    from ``lower`` computes those ``computes`` fields from the run-time images
+    (``forward(**sockets) -> {field: tensor}``), and the denoiser reads them in place of the
+    buffers. Their other inputs must be constants.
     """
 
     kind: str
@@ -71,12 +79,16 @@ class PlanSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     computes: tuple[str, ...] = ()
     lower: Callable[[Any, dict], Any] | None = None
+    sockets: tuple[str, ...] = ()
+    bound: Callable[[tuple], dict] | None = None
 
     def __post_init__(self):
         if self.kind not in PLAN_KINDS:
             raise ValueError(f"plan spec kind {self.kind!r}: expected one of {', '.join(PLAN_KINDS)}")
-        if (self.kind == "module") != (self.lower is not None and bool(self.computes)):
-            raise ValueError("a module plan spec needs lower and computes, other kinds neither")
+        if (self.kind in ("module", "bind")) != (self.lower is not None and bool(self.computes)):
+            raise ValueError("module and bind plan specs need lower and computes, other kinds neither")
+        if (self.kind == "bind") != (self.bound is not None and bool(self.sockets)):
+            raise ValueError("a bind plan spec needs sockets and bound, other kinds neither")
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,10 @@ class NodeDef:
         if self.plan is not None and not set(self.plan.runtime_widgets) <= widgets:
             raise ValueError(f"node {self.class_type!r}: runtime widgets "
                              f"{sorted(set(self.plan.runtime_widgets) - widgets)} are not widgets of the node")
+        misbound = [name for name in (self.plan.sockets if self.plan else ()) if self.input(name) is None
+                    or self.input(name).is_widget]
+        if misbound:
+            raise ValueError(f"node {self.class_type!r}: bound sockets {misbound} are not sockets of the node")
 
     def input(self, name: str) -> InputSpec | None:
         for spec in self.inputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
 
@@ -23,3 +23,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def find_in_folders(name: str, folders, what: str) -> Path:
+    """``name`` as a file in one of ``folders``: relative, without ``..`` (a request never names a
+    file outside them; links placed inside them by the owner are followed, as ComfyUI does).
+    Raises ``FileNotFoundError`` / ``ValueError`` with a message about ``what`` ("a LoRA")."""
+    relative = PurePosixPath(name.replace("\\", "/"))
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"{what} name is a relative file name inside its folder, without '..'")
+    for folder in folders:
+        candidate = Path(folder) / relative
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no such file for {what}")

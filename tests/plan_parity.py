@@ -59,7 +59,7 @@ def measure(workflow, plan, tmp_path, models_dir, input_dir, values=None, dtype=
     ref = run_workflow(workflow, models=models_dir, input_dir=input_dir, output_dir=tmp_path / "interp",
                        overrides=overrides, dtype=dtype)
     loaded = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
-    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan", lora_dirs=lora_dirs)
+    got = run_plan(loaded, values or {}, output_dir=tmp_path / "plan", lora_dirs=lora_dirs, input_dir=input_dir)
     assert [os.path.basename(p) for p in got.saved] == [os.path.basename(p) for p in ref.saved]
     a, b = _pixels(ref.saved), _pixels(got.saved)
     assert a.shape == b.shape

@@ -26,11 +26,11 @@ def fake_lowering(monkeypatch):
         calls["chains"].append(([m.class_type for m, _, _ in members], outputs))
         return torch.nn.Identity()
 
-    def build_denoiser(model, cfg, *, node=None, positive=None, negative=None):
+    def build_denoiser(model, cfg, *, node=None, positive=None, negative=None, bound=None):
         calls["denoisers"].append((node.id, cfg, positive, negative))
         return torch.nn.Identity()
 
-    def build_guided_denoiser(model, cfg, options, tensor_names):
+    def build_guided_denoiser(model, cfg, options, tensor_names, bound=None):
         calls["denoisers"].append(("guided", cfg, options, tensor_names))
         return torch.nn.Identity()
 

@@ -15,6 +15,8 @@ from kiln.nodes.guider import prepare_conds
 from kiln.nodes.models.checkpoint import load_checkpoint
 from kiln.nodes.models.controlnet import Control, load_controlnet
 from kiln.nodes.models.synthetic import write_checkpoint
+from kiln.runtime.errors import PlanError
+from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
 from controlnet_files import controlnet_state_dict, diffusers_layout
 from lora_files import read, save
@@ -185,3 +187,65 @@ def test_a_controlnet_window_compiles_as_a_select_on_sigma(cn_models, cn_build, 
                                                                   "image": ["21", 0], "strength": 0.4}}
     workflow["3"]["inputs"]["positive"] = ["23", 0]
     assert_parity(workflow, cn_build["onnx"]("windowed", workflow), tmp_path, models, inputs)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_a_runtime_hint_image_is_loaded_and_bound_at_run_time(cn_models, cn_build, tmp_path, backend):
+    """``--input 21.image``: a load_image stage reads the hint, a module stage turns it into the
+    Controls' hint, which the compiled denoiser takes as an input in place of its buffer; the
+    hint's resize to the latent then runs at the plan's size, so other hint sizes are refused."""
+    models, inputs = cn_models
+    other = "hint2.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(inputs / other)
+    workflow = _controlnet_workflow(strength=0.9)
+    plan_path = cn_build[backend]("runtime-hint", workflow, inputs=("21.image",))
+    plan = load_plan(plan_path)
+    stages = plan.manifest.stages
+    assert [s.kind for s in stages] == ["load_image", "module", "sample", "module", "save_image"]
+    assert [name for name in stages[2].inputs if name.startswith("bound.")] == ["bound.22.0.control_hint"]
+    assert_parity(workflow, plan, tmp_path / "default", models, inputs)
+    swapped = dict(workflow, **{"21": {"class_type": "LoadImage", "inputs": {"image": other}}})
+    assert_parity(swapped, plan, tmp_path / "other", models, inputs, values={"21.image": other})
+    assert not np.array_equal(render(workflow, models, inputs, tmp_path / "a"),
+                              render(swapped, models, inputs, tmp_path / "b"))
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(inputs / "small.png")
+    with pytest.raises(PlanError, match=r"21.*image.*compiled for images of this size.*1x48x80x3.*1x40x40x3"):
+        run_plan(plan, {"21.image": "small.png"}, output_dir=tmp_path / "small", input_dir=inputs)
+    for name, message in (("../hint.png", "a file inside the input folder"), ("none.png", "no such image")):
+        with pytest.raises(PlanError, match=message):
+            run_plan(plan, {"21.image": name}, output_dir=tmp_path / "bad", input_dir=inputs)
+
+
+def test_kiln_serve_answers_an_uploaded_hint_from_the_plan(cn_models, cn_build, tmp_path):
+    """A plan compiled with ``--input 21.image`` serves prompts naming an image uploaded to the
+    server (ComfyUI's /upload/image), with the interpreter's image."""
+    import io
+
+    import requests
+
+    from serve_client import Server
+    from workflows import variant
+
+    models, inputs = cn_models
+    workflow = _controlnet_workflow(strength=0.9)
+    plans, served_inputs = tmp_path / "plans", tmp_path / "input"
+    plans.mkdir()
+    served_inputs.mkdir()
+    (served_inputs / "hint.png").write_bytes((inputs / "hint.png").read_bytes())
+    (plans / "hint.plan").write_bytes(cn_build["onnx"]("served-hint", workflow, inputs=("21.image",)).read_bytes())
+    rng = np.random.default_rng(5)
+    upload = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(upload, format="PNG")
+    served = Server(models, served_inputs, tmp_path / "output", "--plans", str(plans))
+    try:
+        stored = requests.post(served.url + "/upload/image", files={"image": ("pose.png", upload.getvalue())})
+        assert stored.status_code == 200 and stored.json()["name"] == "pose.png"
+        request = variant(workflow, "21", image="pose.png")
+        entry = served.wait_for_history(served.queue_prompt(request)["prompt_id"])
+        assert entry["kiln"]["engine"] == "plan hint"
+        got = np.asarray(Image.open(io.BytesIO(served.first_image(entry))), dtype=np.int16)
+        ref = run_workflow(request, models=models, input_dir=served_inputs, output_dir=tmp_path / "ref")
+        assert np.abs(got - np.asarray(Image.open(ref.saved[0]), dtype=np.int16)).max() <= 2
+    finally:
+        served.stop()

@@ -289,9 +289,47 @@ def test_ipadapter_plans_match_the_interpreter(ipa_models, ipa_build, tmp_path, 
     workflow = _advanced(start_at=0.2, end_at=0.7, image_negative=["31", 0])
     plan = ipa_build[backend]("advanced", workflow)
     loaded = load_plan(plan)
-    assert "CLIPVisionLoader" in [f["class_type"] for f in loaded.manifest.folded]
     assert [s.kind for s in loaded.manifest.stages] == ["sample", "module", "save_image"]
     assert_parity(workflow, loaded, tmp_path, models, inputs)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_a_runtime_reference_image_is_encoded_at_run_time(ipa_models, ipa_build, tmp_path, backend):
+    """``--input 31.image``: a load_image stage, a module stage with the vision encoder and the
+    projection computing the tokens, which the compiled denoiser reads in place of the patch's
+    embeds; the negative image (a constant here) is encoded in the same stage."""
+    models, inputs = ipa_models
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(inputs / "other.png")
+    workflow = _advanced(start_at=0.2, end_at=0.7, image_negative=["35", 0])
+    workflow["35"] = {"class_type": "LoadImage", "inputs": {"image": "other.png"}}
+    constant = ipa_build[backend]("reference-constant", workflow)
+    plan_path = ipa_build[backend]("reference-runtime", workflow, inputs=("31.image",))
+    plan = load_plan(plan_path)
+    stages = plan.manifest.stages
+    assert [s.kind for s in stages] == ["load_image", "module", "sample", "module", "save_image"]
+    assert sorted(n for n in stages[2].inputs if n.startswith("bound.")) == ["bound.32.0.ip_cond",
+                                                                             "bound.32.0.ip_uncond"]
+    vision = sum(t.numel() * 4 for t in clip_vision_state_dict().values())
+    assert plan_path.stat().st_size > constant.stat().st_size + vision * 0.9   # the encoder is in this one only
+    assert_parity(workflow, plan, tmp_path / "default", models, inputs)
+    swapped = dict(workflow, **{"31": {"class_type": "LoadImage", "inputs": {"image": "other.png"}}})
+    assert_parity(swapped, plan, tmp_path / "other", models, inputs, values={"31.image": "other.png"})
+    assert not np.array_equal(render(workflow, models, inputs, tmp_path / "a"),
+                              render(swapped, models, inputs, tmp_path / "b"))
+
+
+def test_a_runtime_image_for_a_node_that_needs_it_at_compile_time_is_refused(ipa_models, ipa_build):
+    """IPAdapter is evaluated when the plan compiles: its image may be a run-time value, not its mask."""
+    models, inputs = ipa_models
+    workflow = _advanced()
+    workflow["32"]["inputs"]["attn_mask"] = ["31", 1]
+    with pytest.raises(KilnError) as failure:
+        ipa_build["onnx"]("refused", workflow, inputs=("31.image",))
+    problem = failure.value.problems[-1]
+    assert (problem.node_id, problem.class_type, problem.input_name) == ("32", "IPAdapterAdvanced", "attn_mask")
+    assert "only its image, image_negative may be run-time values" in problem.message
+    assert problem.found == "attn_mask reads node 31 (LoadImage)"
 
 
 def test_simple_ipadapter_plan_with_a_runtime_prompt(ipa_models, ipa_build, tmp_path):

@@ -126,6 +126,12 @@ def ensures_fold_constants(before: Compilation, after: Compilation) -> None:
             for field, name in value.fields.items():
                 assert name == env.constant_env(link.node_id, link.slot, field)
                 assert after.constants[name].device.type == "cpu"
+    for binding in after.bindings:   # bind nodes: evaluated at compile time, reading run-time images
+        node = after.graph.nodes[binding.node_id]
+        spec = registry.get(node.class_type).plan
+        assert binding.node_id not in runtime and spec.kind == "bind" and binding.field in spec.computes
+        assert any(link.node_id in runtime for name, link in node.links() if name in spec.sockets)
+        assert binding.buffer in binding.module._buffers
 
 
 def ensures_partition_stages(before: Compilation, after: Compilation) -> None:
@@ -177,6 +183,7 @@ CASES = {
     "txt2img": (txt2img, ()),
     "txt2img-runtime-sizes-and-prompt": (txt2img, ("5.width=64..96", "5.batch_size=1..2", "6.text", "3.cfg")),
     "img2img": (img2img, ()),
+    "img2img-runtime-image": (img2img, ("10.image",)),
     "hires-fix": (hires_fix, ("14.steps",)),
     "duplicate-prompts": (lambda: variant(txt2img(), "7", text="a red fox"), ()),
     **{name: (make, ()) for name, make in PLAN_VARIANTS.items()},

@@ -401,8 +401,14 @@ def test_catalogue_declarations_that_do_not_fit_fail_at_import():
 
     with pytest.raises(ValueError, match="registered twice"):
         register(registry.get("KSampler"))
-    with pytest.raises(ValueError, match="a module plan spec needs lower and computes"):
+    with pytest.raises(ValueError, match="module and bind plan specs need lower and computes"):
         PlanSpec("module")
+    with pytest.raises(ValueError, match="a bind plan spec needs sockets and bound"):
+        PlanSpec("bind", computes=("hint",), lower=lambda node, w: None)
+    with pytest.raises(ValueError, match=r"bound sockets \['steps'\] are not sockets of the node"):
+        NodeDef("T", (INT("steps", 1),), ("CONDITIONING",), function=lambda steps: (steps,),
+                plan=PlanSpec("bind", sockets=("steps",), computes=("hint",), lower=lambda node, w: None,
+                              bound=lambda inputs, outputs: {}))
     with pytest.raises(ValueError, match="plan spec kind 'mystery'"):
         PlanSpec("mystery")
     with pytest.raises(ValueError, match="seed widget 'seed' is not one of its inputs"):

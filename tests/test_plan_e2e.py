@@ -101,6 +101,21 @@ def test_img2img_plan_matches_interpreter(compile_plan, t2i_plan, kiln_cache, tm
     assert_parity(workflow, plan, tmp_path, models_dir, input_dir)
 
 
+def test_img2img_plan_with_a_runtime_image_takes_other_sizes(compile_plan, tmp_path, models_dir, input_dir):
+    """``--input 10.image``: the encode and the denoiser follow the image's size, so the
+    load_image stage takes any height and width; images of other sizes match the interpreter."""
+    from PIL import Image
+
+    workflow = img2img()
+    plan = load_plan(compile_plan("i2i-runtime", workflow, inputs=("10.image",)))
+    load = plan.manifest.stages[0]
+    assert load.kind == "load_image" and load.params["shapes"] == {"image": [1, None, None, 3]}
+    Image.open(input_dir / "input.png").resize((56, 48)).save(input_dir / "smaller.png")
+    assert_parity(workflow, plan, tmp_path / "default", models_dir, input_dir)
+    other = variant(workflow, "10", image="smaller.png")
+    assert_parity(other, plan, tmp_path / "smaller", models_dir, input_dir, values={"10.image": "smaller.png"})
+
+
 def test_hires_fix_plan_matches_interpreter(hires_plan, tmp_path, models_dir, input_dir):
     assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 

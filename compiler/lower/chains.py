@@ -2,7 +2,8 @@
 
 Each member is the module its node's plan spec lowers to (``PlanSpec.lower``, written in
 ``kiln.nodes`` next to the node); the chain feeds them socket values rebuilt from its positional
-tensors (``unflatten``) and returns the requested output fields (``flatten``).
+tensors (``unflatten``) and returns the requested output fields (``flatten``; a bind node's
+module returns its fields by name).
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ class Chain(nn.Module):
             values[(op.node_id, 0)] = op(**args)
         result = []
         for node_id, slot, field in self.outputs:
-            fields, _ = flatten(self.output_types[node_id], values[(node_id, slot)])
+            value = values[(node_id, slot)]
+            # a bind node's module gives its bound fields by name
+            fields = value if self.output_types[node_id] is None else flatten(self.output_types[node_id], value)[0]
             result.append(fields[field])
         return tuple(result)
 
@@ -51,11 +54,13 @@ def build_chain(steps: list[tuple[Node, Any, dict[str, Any]]], outputs: list[str
     stage's output names (``<node>.<slot>.<field>``)."""
     ops, sources, types = [], [], {}
     for node, definition, resolved in steps:
-        if definition.plan is None or definition.plan.kind != "module":
+        if definition.plan is None or definition.plan.kind not in ("module", "bind"):
             raise KilnError([plan_problem(node, "this node cannot be compiled into a module stage",
                                           expected="a node whose plan spec is a module", found=node.class_type)])
+        bind = definition.plan.kind == "bind"
         widgets = {k: v for k, v in resolved.items() if not isinstance(v, (Link, StageInput))}
         ops.append(definition.plan.lower(node, widgets))
-        sources.append({k: v for k, v in resolved.items() if isinstance(v, (Link, StageInput))})
-        types[node.id] = definition.outputs[0]
+        sources.append({k: v for k, v in resolved.items() if isinstance(v, (Link, StageInput))
+                        and (not bind or k in definition.plan.sockets)})
+        types[node.id] = None if bind else definition.outputs[0]
     return Chain(ops, sources, types, [split_value(name) for name in outputs]).eval()

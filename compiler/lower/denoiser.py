@@ -10,13 +10,14 @@ The sampler loop stays outside, in the runtime, so step math is the interpreter'
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import torch
 from torch import nn
 
-from kiln.compiler.stages import unflatten
+from kiln.compiler.stages import controls, unflatten
 from kiln.kernels.errors import KilnError, Problem
 from kiln.nodes.guider import calc_cond_batch, prepare_conds
 
@@ -32,18 +33,41 @@ _NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "co
                     "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 
 
-def exportable(model):
+
+
+@contextlib.contextmanager
+def _bound(places: dict[str, list[tuple[nn.Module, str]]], values: dict[str, torch.Tensor]):
+    """The buffers hold the run-time tensors (the traced inputs, while exporting) for one call."""
+    saved = []
+    try:
+        for name, targets in places.items():
+            for module, buffer in targets:
+                saved.append((module, buffer, module._buffers[buffer]))
+                module._buffers[buffer] = values[name]
+        yield
+    finally:
+        for module, buffer, tensor in reversed(saved):
+            module._buffers[buffer] = tensor
+
+
+def _held(places: dict[str, list[tuple[nn.Module, str]]]) -> set[int]:
+    return {id(module) for targets in places.values() for module, _ in targets}
+
+
+def exportable(model, bound: dict[str, list] | None = None):
     """The MODEL handle with a UNet whose upsamplers always take explicit sizes (see
     ``_ALWAYS_EXPLICIT_UPSAMPLE``); shares every parameter, only that attribute differs. Its
     IP-Adapter modules (which the UNet's attention processors call) become submodules, so
-    export finds their weights."""
+    export finds their weights, and so do their embeds unless run-time inputs replace them."""
     unet = copy.copy(model.unet)
     unet.num_upsamplers = _ALWAYS_EXPLICIT_UPSAMPLE
     view = copy.copy(model)
     view._modules = {**model._modules, "unet": unet}
     if model.ip_adapters:
+        held = _held(bound or {})
         view._modules["ip_adapter_modules"] = nn.ModuleList(patch.module for patch in model.ip_adapters)
-        view._modules["ip_adapter_embeds"] = nn.ModuleList(patch.embeds for patch in model.ip_adapters)
+        view._modules["ip_adapter_embeds"] = nn.ModuleList(patch.embeds for patch in model.ip_adapters
+                                                           if id(patch.embeds) not in held)
     return view
 
 
@@ -52,19 +76,26 @@ class Denoiser(nn.Module):
     ``(denoised, uncond_denoised)``: ``y`` for SDXL, ``c_concat`` (mask and masked latent image,
     kiln.kernels.inpaint) for inpainting UNets, in that order (``inputs`` names them). With
     ``cfg == 1`` at build time only the positive side runs and ``uncond_denoised`` is zeros
-    (ComfyUI's cfg1 shortcut). The UNet call is the MODEL's own ``apply_model``."""
+    (ComfyUI's cfg1 shortcut). The UNet call is the MODEL's own ``apply_model``. ``bound``
+    (``bound_buffers``, keyed by input name): inputs after the ys that replace buffers."""
 
-    def __init__(self, model, cfg: float | None):
+    def __init__(self, model, cfg: float | None, bound: dict[str, list] | None = None):
         super().__init__()
-        self.model = exportable(model)
+        self.bound = dict(bound or {})
+        self.model = exportable(model, self.bound)
         self.skip_uncond = cfg is not None and math.isclose(cfg, 1.0)
         self.with_y = model.arch == "sdxl"
         self.with_concat = model.in_channels != model.latent_format.channels
         self.inputs = (("x", "sigma", "cond_context", "uncond_context", "cfg")
-                       + (("cond_y", "uncond_y") if self.with_y else ()) + (("c_concat",) if self.with_concat else ()))
+                       + (("cond_y", "uncond_y") if self.with_y else ()) + tuple(self.bound)
+                       + (("c_concat",) if self.with_concat else ()))
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         args = dict(zip(self.inputs, tensors, strict=True))
+        with _bound(self.bound, args):
+            return self._denoise(args)
+
+    def _denoise(self, args: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, sigma, cfg, c_concat = args["x"], args["sigma"], args["cfg"], args.get("c_concat")
         batch = x.shape[0]
         sides = ("cond",) if self.skip_uncond else ("uncond", "cond")
@@ -105,14 +136,15 @@ class GuidedDenoiser(Denoiser):
     it is exported for, then the CFG combine. The tensors arrive as ``<side>.<entry>.<field>``
     inputs (plan constants); the options (area, strength, ...) are fixed here."""
 
-    def __init__(self, model, cfg: float | None, options: dict[str, list[dict]], tensor_names: list[str]):
-        super().__init__(model, cfg)
+    def __init__(self, model, cfg: float | None, options: dict[str, list[dict]], tensor_names: list[str],
+                 bound: dict[str, list] | None = None):
+        super().__init__(model, cfg, bound)
         self.options = options
-        self.inputs = ("x", "sigma", "cfg", *tensor_names)
-        self.controls = nn.ModuleList(_control_modules(options))   # so export finds their weights
+        self.inputs = ("x", "sigma", "cfg", *tensor_names, *self.bound)
+        # so export finds their weights (hints that run-time inputs replace are no weights)
+        self.controls = nn.ModuleList(m for m in _control_modules(options) if id(m) not in _held(self.bound))
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        args = dict(zip(self.inputs, tensors, strict=True))
+    def _denoise(self, args: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, sigma, cfg = args["x"], args["sigma"], args["cfg"]
         conds = {}
         for side, options in self.options.items():
@@ -127,28 +159,23 @@ class GuidedDenoiser(Denoiser):
 
 
 def _control_modules(options: dict[str, list[dict]]) -> list[nn.Module]:
-    """The ControlNet modules and hint holders the entries' controls (and the ones they chain)
-    use, once each."""
+    """The ControlNet modules and hint holders the controls use, once each."""
     modules: dict[int, nn.Module] = {}
-    for entries in options.values():
-        for entry in entries:
-            control = entry.get("control")
-            while control is not None:
-                for module in (control.net.module, control.source):
-                    modules.setdefault(id(module), module)
-                control = control.previous
+    for control in controls(options):
+        for module in (control.net.module, control.source):
+            modules.setdefault(id(module), module)
     return list(modules.values())
 
 
 def build_guided_denoiser(model, cfg: float | None, options: dict[str, list[dict]],
-                          tensor_names: list[str]) -> GuidedDenoiser:
+                          tensor_names: list[str], bound: dict[str, list] | None = None) -> GuidedDenoiser:
     """The sample stage's module for conditioning beyond one full-area entry per side (the
     partition pass checked it is constant, without timestep ranges, on a non-inpainting UNet)."""
-    return GuidedDenoiser(model, cfg, options, tensor_names).eval()
+    return GuidedDenoiser(model, cfg, options, tensor_names, bound).eval()
 
 
 def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] | None = None,
-                   negative: list[dict] | None = None) -> Denoiser:
+                   negative: list[dict] | None = None, bound: dict[str, list] | None = None) -> Denoiser:
     """The denoiser module for ``model`` (a ``DiffusionModel``) at guidance ``cfg`` (None: a
     runtime value, so both sides always run).
 
@@ -183,4 +210,4 @@ def build_denoiser(model, cfg: float | None, *, node=None, positive: list[dict] 
                    expected="no area, mask, strength or timestep range", found=", ".join(used))
     if problems:
         raise KilnError(problems)
-    return Denoiser(model, cfg).eval()
+    return Denoiser(model, cfg, bound).eval()

@@ -22,7 +22,7 @@ from torch._dynamo.exc import UserError
 from kiln.compiler.lower.cache import compiled_artifact
 from kiln.compiler.lora_targets import lora_table
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
-                                        export_module)
+                                        dim_ranges, export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
 from kiln.compiler.stages import Stage, StagedProgram
 from kiln.kernels.errors import KilnError, Problem
@@ -30,7 +30,7 @@ from kiln.kernels.prompt_syntax import MAX_LENGTH
 from kiln.nodes.models.tokenizer import clip_merge_file
 from kiln.nodes.plan import NeedsStaticShapes
 from kiln.runtime.kinds import KINDS
-from kiln.runtime.kinds.sample import sdxl_y
+from kiln.runtime.kinds.sample import BOUND_PREFIX, sdxl_y
 from kiln.runtime.lora import LORA_MEMBER
 from kiln.runtime.manifest import RuntimeInput
 from kiln.runtime.prompts import VOCABULARY_MEMBER
@@ -58,11 +58,12 @@ def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress 
     target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
     writer = PlanWriter(output, backend=target["backend"], cache=cache)
     compiled = [s for s in program.stages if KINDS[s.kind].compiled]
-    stage_constants = {}
+    stage_constants, taken = {}, {}
     for index, stage in enumerate(compiled):
         if progress is not None:
             progress(stage.name, index, len(compiled))
-        ep = _export(stage, walks)
+        ep, labels = _export(stage, walks)
+        taken[stage.name] = _taken_dims(stage, labels, ep)
         data, _ = compiled_artifact(ep, target, cache, onnx_compile if onnx else aoti_compile)
         names = writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
                                     constant_names=initializer_names(data) if onnx else None)
@@ -76,11 +77,13 @@ def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress 
     writer.add_constants(program.constants)
     if any(s.kind == "tokenize" for s in program.stages):
         writer.add_file(VOCABULARY_MEMBER, clip_merge_file())
+    image_shapes = {s.name: _image_shapes(s, walks, taken) for s in program.stages if s.kind == "load_image"}
     return writer.write({
         "target": target, "workflow": program.workflow,
         "inputs": [dataclasses.asdict(i) for i in program.inputs],
         "stages": [{"name": s.name, "kind": s.kind, "node_ids": list(s.node_ids), "inputs": dict(s.inputs),
-                    "outputs": dict(s.outputs), "params": _params(s, program)} for s in program.stages],
+                    "outputs": dict(s.outputs), "params": {**_params(s, program), **image_shapes.get(s.name, {})}}
+                   for s in program.stages],
         "folded": list(program.folded), "dropped_models": list(program.dropped_models)})
 
 
@@ -95,6 +98,29 @@ def _params(stage: Stage, program: StagedProgram) -> dict:
     if stage.kind == "sample" and not stage.params.get("guided") and not _constant_contexts(stage, program.constants):
         params["max_context_tokens"] = CONTEXT_CHUNK_RANGE[1] * TOKENS_PER_CHUNK
     return params
+
+
+def _taken_dims(stage: Stage, labels: list[str], ep) -> dict[str, dict]:
+    """env name -> what the artifact takes of each dim of that input (a size, or a (min, max))."""
+    names = {**stage.inputs, "x": stage.inputs.get("latent")}
+    return {names[label]: dims for label, dims in zip(labels, dim_ranges(ep)) if names.get(label)}
+
+
+def _image_shapes(stage: Stage, walks: "_Walks", taken: dict[str, dict]) -> dict:
+    """A ``load_image`` stage's ``shapes``: height and width free (null) when every value a
+    differently sized image changes reaches the compiled stages in dims they take at any size;
+    else the workflow image's sizes, which the runtime then asks for."""
+    shapes = stage.params["shapes"]
+    image = shapes.get("image") or shapes["mask"] + [3]
+    resized = walks.resized(stage, (image[1] + 8, image[2] + 8))
+    changed = {name: [d for d, (a, b) in enumerate(zip(t.shape, walks.fixed[name].shape)) if a != b]
+               for name, t in resized.items() if name in walks.fixed and t.shape != walks.fixed[name].shape}
+    free = all(not isinstance(dims.get(d), int) for stage_dims in taken.values()
+               for name, dims in stage_dims.items() for d in changed.get(name, ()))
+    if not free:
+        return {}
+    return {"shapes": {local: [None if d in (1, 2) and follows else n for d, n in enumerate(shape)]
+                       for local, shape in shapes.items() for follows in [shape[1:3] == image[1:3]]}}
 
 
 def _constant_contexts(stage: Stage, constants: dict) -> bool:
@@ -120,10 +146,19 @@ class _Walks:
         self.size_inputs = [i for i in program.inputs if i.env in sizes]
         self.layouts = program.layouts
         fixed = {i.env: max(i.default, min(2, i.max)) if i.env in batches else i.default for i in self.size_inputs}
+        self._fixed_sizes = fixed
         self.example = self._walk(fixed, raise_batch=True)
         self.fixed = self._walk(fixed, raise_batch=False)
         self.low = self._walk({i.env: i.min for i in self.size_inputs}, raise_batch=False)
         self.high = self._walk({i.env: i.max for i in self.size_inputs}, raise_batch=False)
+
+    def resized(self, stage: Stage, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The ``fixed`` walk with load_image ``stage``'s image (and a mask of its size) at ``size``."""
+        image = stage.params["shapes"].get("image") or stage.params["shapes"]["mask"] + [3]
+        shapes = {local: [size[d - 1] if d in (1, 2) and shape[1:3] == image[1:3] else n for d, n in enumerate(shape)]
+                  for local, shape in stage.params["shapes"].items()}
+        return self._walk(self._fixed_sizes, raise_batch=False,
+                          replaced={stage.name: dataclasses.replace(stage, params={**stage.params, "shapes": shapes})})
 
     def driven(self, name: str) -> dict[int, tuple[int, int]]:
         """Dims of env value ``name`` that the size inputs change, with their (min, max)."""
@@ -131,11 +166,13 @@ class _Walks:
         return {d: (min(s[d] for s in shapes), max(s[d] for s in shapes))
                 for d in range(len(shapes[0])) if len({s[d] for s in shapes}) > 1}
 
-    def _walk(self, sizes: dict[str, int], *, raise_batch: bool) -> dict[str, torch.Tensor]:
+    def _walk(self, sizes: dict[str, int], *, raise_batch: bool,
+              replaced: dict[str, Stage] | None = None) -> dict[str, torch.Tensor]:
         env = {name: t.to(self.device) for name, t in self.program.constants.items()}
         env.update({i.env: _input_tensor(i, sizes.get(i.env, i.default)) for i in self.program.inputs
                     if i.type in ("INT", "FLOAT", "BOOLEAN")})
         for stage in self.program.stages:
+            stage = (replaced or {}).get(stage.name, stage)
             inputs = {local: env[name] for local, name in stage.inputs.items() if name in env}
             outputs = KINDS[stage.kind].example_outputs(stage, inputs, module=stage.module,
                                                         min_batch=2 if raise_batch else 1, device=self.device)
@@ -209,6 +246,7 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
     if "sdxl" in stage.params:
         args += [ArgSpec(sdxl_y(stage.params["sdxl"], side, env[stage.inputs[f"{side}_pooled"]], shape), {}, {})
                  for side in ("cond", "uncond")]
+    args += [ArgSpec(env[stage.inputs[name]], {}, {}) for name in stage.inputs if name.startswith(BOUND_PREFIX)]
     if stage.params.get("inpaint"):   # mask + masked image channels, sized as x
         concat = torch.zeros([shape[0], shape[1] + 1, *shape[2:]], device=latent.device)
         args.append(_arg(concat, x_free, x_required, opportunistic))
@@ -230,14 +268,15 @@ def _context_args(stage: Stage, env: dict, constants: dict) -> list[ArgSpec]:
 
 
 def _export(stage: Stage, walks: _Walks):
-    """Export with opportunistic dynamic dims, else with only the driven ones; KilnError if neither."""
+    """Export with opportunistic dynamic dims, else with only the driven ones; KilnError if
+    neither. Returns the program and its inputs' labels."""
     failure = None
     for opportunistic in (True, False):
         args, labels = _stage_args(stage, walks, opportunistic)
         try:
             ep = export_module(stage.module, args)
             check_ranges(ep, args, labels)
-            return ep
+            return ep, labels
         except NeedsStaticShapes as error:
             failure = error.problem
         except (ShapeRangeError, UserError) as error:

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from kiln.compiler.graph import Link, Node
-from kiln.compiler.stages import MODEL_TYPES, Compilation, EnvValue, Stage, node_def
+from kiln.compiler.stages import MODEL_TYPES, Compilation, EnvValue, Stage, bound_buffers, node_def
 from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.prompt_syntax import EMBEDDING_PREFIX
 from kiln.kernels.sdxl import SIZE_OPTIONS
 from kiln.nodes import registry
 from kiln.nodes.image import IMAGE_TO_UINT8
 from kiln.runtime import env
+from kiln.runtime.image_loading import read_image
+from kiln.runtime.kinds.sample import BOUND_PREFIX
 from kiln.runtime.manifest import RuntimeInput
 
 # SDXL conditioning options that only feed its size embedding (the runtime builds ``y``).
@@ -26,7 +29,10 @@ def partition_stages(c: Compilation) -> Compilation:
     size); ``save_image`` (SaveImage, PreviewImage) after a ``module`` converting to 8-bit pixels;
     ``module`` for every other plan-capable node (VAE decode/encode, model upscale, resizes, and
     CLIPTextEncode with a runtime text, the text first through a ``tokenize`` stage); ``lora``
-    first, for each LoRA applied at run time (``runtime_loras``).
+    first, for each LoRA applied at run time (``runtime_loras``); ``load_image`` for a LoadImage
+    with a runtime file name, and a ``module`` stage per bind node computing the tensors its
+    run-time images give (``bindings``), which the sample stages reaching them take as
+    ``bound.<env>`` inputs.
 
     Guarantees: every stage input names a runtime input, a constant or an output of an earlier
     stage; constant widgets are ``params`` (spelled as in the workflow), runtime ones ``inputs``;
@@ -40,15 +46,27 @@ def partition_stages(c: Compilation) -> Compilation:
     builder = _Partition(c)
     for node in c.runtime_loras:
         builder.add(node)
-    for node_id in c.runtime_nodes:
-        builder.add(c.graph.nodes[node_id])
+    bind = {b.node_id for b in c.bindings}
+    for node_id in c.graph.topological_order():
+        if node_id in c.runtime_nodes or node_id in bind:
+            builder.add(c.graph.nodes[node_id])
     constants = {**c.constants, **builder.constants}
     read = {name for stage in builder.stages for name in stage.inputs.values()}
-    stages = [replace(s, outputs={k: name for k, name in s.outputs.items() if name in read}) if s.kind == "module"
-              else s for s in builder.stages]
+    stages = [_read_outputs(s, read) for s in builder.stages]
     kept = {name: value for name, value in constants.items() if name in read}
     folded = tuple({**f, "outputs": [name for name in f["outputs"] if name in kept]} for f in c.folded)
     return replace(c, stages=tuple(stages), values=builder.values, constants=kept, folded=folded)
+
+
+def _read_outputs(stage: Stage, read: set[str]) -> Stage:
+    """A module or load_image stage gives only the outputs some stage reads."""
+    if stage.kind not in ("module", "load_image"):
+        return stage
+    outputs = {k: name for k, name in stage.outputs.items() if name in read}
+    params = stage.params
+    if stage.kind == "load_image":
+        params = {**params, "shapes": {k: v for k, v in params["shapes"].items() if k in outputs}}
+    return replace(stage, outputs=outputs, params=params)
 
 
 def _plan_nodes() -> dict[str, registry.PlanSpec]:
@@ -71,6 +89,15 @@ def _check_supported(c: Compilation) -> None:
                     "unsupported_runtime_input", "a compiled plan cannot take this input at run time",
                     node_id=node_id, class_type=node.class_type, title=node.title, input_name=input_name,
                     expected=_runtime_widget_list(specs), found=f"--input {runtime_input.name}"))
+        if spec is not None and spec.kind == "bind" and not any(p.node_id == node_id for p in problems):
+            late = [f"{name} reads node {link.node_id} ({c.graph.nodes[link.node_id].class_type})"
+                    for name, link in node.links() if link.node_id in c.runtime_nodes and name not in spec.sockets]
+            problems.append(Problem(
+                "unsupported_node", f"{node.class_type} is evaluated when the plan is compiled; only its "
+                f"{', '.join(spec.sockets)} may be run-time values", node_id=node_id, class_type=node.class_type,
+                title=node.title, input_name=late[0].split(" ")[0] if late else None,
+                expected="constant inputs besides " + ", ".join(spec.sockets),
+                found="; ".join(late) or _why_runtime(c, node)))
         if spec is None and not any(p.node_id == node_id for p in problems):
             problems.append(Problem(
                 "unsupported_node", f"{node.class_type} would run at run time ({_why_runtime(c, node)}), "
@@ -107,7 +134,8 @@ class _Partition:
     def add(self, node: Node) -> None:
         definition = registry.get(node.class_type)
         {"sample": self._sample, "empty_latent": self._empty_latent, "save_image": self._save,
-         "module": self._module, "lora": self._lora}[definition.plan.kind](node, definition)
+         "module": self._module, "lora": self._lora, "load_image": self._load_image,
+         "bind": self._bind}[definition.plan.kind](node, definition)
 
     def _refuse(self, node: Node, input_name: str | None, message: str, expected: str, found: str):
         raise KilnError([Problem("unsupported_input", message, node_id=node.id, class_type=node.class_type,
@@ -152,6 +180,8 @@ class _Partition:
                                  "conditioning without one")
                 inputs[f"{local}_pooled"] = cond.fields["0.pooled_output"]
                 sdxl[f"{local}_options"] = dict(cond.meta[0])
+        options = {side: self.values[node.inputs[side]].meta for side in ("positive", "negative")}
+        inputs.update({f"{BOUND_PREFIX}{name}": name for name in bound_buffers(model, options, self.c.bindings)})
         widgets, runtime = self._widgets(node, definition)
         params = {**widgets, **definition.plan.params, "prediction": model.model_sampling.prediction,
                   "scale_factor": model.latent_format.scale_factor, "latent_channels": channels}
@@ -203,6 +233,32 @@ class _Partition:
                    if isinstance(link := node.inputs.get(name), Link)}
         self.stages.append(Stage(f"lora_{node.id}", "lora", [node.id], runtime, {},
                                  {**widgets, **definition.plan.params, **sources}))
+
+    def _load_image(self, node: Node, definition: registry.NodeDef) -> None:
+        """The file read at run time; ``shapes`` are those of the workflow's image (lowering frees
+        the dims the compiled stages after it take at any size)."""
+        _, runtime = self._widgets(node, definition)
+        default = self.inputs[(node.id, "image")].default
+        try:
+            image, mask = read_image(Path(self.c.options.input_dir or ".") / default)
+        except OSError as error:
+            self._refuse(node, "image", f"the workflow's image gives the plan its sizes but cannot be read: {error}",
+                         "an image file in the input folder (--input-dir)", repr(default))
+        outputs = {"image": env.value_env(node.id, 0, "value"), "mask": env.value_env(node.id, 1, "value")}
+        self.stages.append(Stage(f"load_image_{node.id}", "load_image", [node.id], runtime, outputs,
+                                 {"shapes": {"image": list(image.shape), "mask": list(mask.shape)}}))
+        self.values[Link(node.id, 0)] = EnvValue("IMAGE", {"value": outputs["image"]})
+        self.values[Link(node.id, 1)] = EnvValue("MASK", {"value": outputs["mask"]})
+
+    def _bind(self, node: Node, definition: registry.NodeDef) -> None:
+        """The module computing what a bind node's run-time images give (its value stays the
+        compile-time one, whose bound buffers the sample stages replace by these)."""
+        sockets = definition.plan.sockets
+        inputs = self._tensor_inputs(node, sockets)
+        outputs = [env.value_env(node.id, 0, field) for field in definition.plan.computes
+                   if any(b.env == env.value_env(node.id, 0, field) for b in self.c.bindings)]
+        self.stages.append(Stage(f"module_{node.id}", "module", [node.id], inputs, {name: name for name in outputs},
+                                 {}, members=[node]))
 
     def _empty_latent(self, node: Node, definition: registry.NodeDef) -> None:
         widgets, runtime = self._widgets(node, definition)
@@ -256,10 +312,13 @@ class _Partition:
                                  {"tokens": tokens}, {"pad_tokens": pad_tokens}))
         return tokens
 
-    def _tensor_inputs(self, node: Node) -> dict[str, str]:
-        """Linked data inputs as ``<node>.<slot>.<field>`` -> env (a LATENT contributes its samples only)."""
+    def _tensor_inputs(self, node: Node, only: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Linked data inputs (of the sockets ``only`` names, if given) as ``<node>.<slot>.<field>``
+        -> env (a LATENT contributes its samples only)."""
         inputs = {}
         for spec in node_def(node.class_type).inputs:
+            if only is not None and spec.name not in only:
+                continue
             source = node.inputs.get(spec.name)
             if isinstance(source, Link) and spec.type not in MODEL_TYPES:
                 for field, name in self.values[source].fields.items():

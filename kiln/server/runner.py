@@ -198,7 +198,7 @@ class _Execution(RunEvents):
                           settings=runner.config.settings, prompt=job.prompt,
                           extra_pnginfo=job.extra_data.get("extra_pnginfo"), on_stage=on_stage,
                           on_preview=on_preview if self.emit_preview is not None else None,
-                          lora_dirs=runner.config.models.searched("loras"))
+                          lora_dirs=runner.config.models.searched("loras"), input_dir=runner.config.input_dir)
         for node_id, images in result.images.items():
             ui = UiOutput(tuple(images))
             self.executed(node_id, ui)

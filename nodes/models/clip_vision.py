@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from kiln.kernels.errors import Problem
 from kiln.nodes.models.clip import openclip_block
 from kiln.nodes.models.detect import ModelFileError, describe_keys
+from kiln.nodes.plan import NeedsStaticShapes, is_static
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,9 +30,12 @@ def clip_preprocess(image: torch.Tensor, size: int = 224, crop: bool = True) -> 
     """IMAGE [B,H,W,C] in [0,1] -> normalised pixels [B,3,size,size] (``clip_preprocess``):
     antialiased bicubic to cover ``size`` then a center crop (or straight to size x size),
     quantised to 8 bits, then CLIP's mean/std."""
+    if not is_static(*image.shape):
+        raise NeedsStaticShapes(Problem("unsupported_in_plan", "CLIP vision's resize and center crop to "
+                                        f"{size} px are worked out from concrete image sizes", input_name="image",
+                                        expected="an image of the size the plan was compiled from",
+                                        found="run-time sizes"))
     image = image[:, :, :, :3] if image.shape[3] > 3 else image
-    mean = torch.tensor(MEAN, device=image.device, dtype=image.dtype)
-    std = torch.tensor(STD, device=image.device, dtype=image.dtype)
     image = image.movedim(-1, 1)
     if not (image.shape[2] == size and image.shape[3] == size):
         if crop:
@@ -42,7 +47,9 @@ def clip_preprocess(image: torch.Tensor, size: int = 224, crop: bool = True) -> 
         h, w = (image.shape[2] - size) // 2, (image.shape[3] - size) // 2
         image = image[:, :, h:h + size, w:w + size]
     image = torch.clip(255.0 * image, 0, 255).round() / 255.0
-    return (image - mean.view([3, 1, 1])) / std.view([3, 1, 1])
+    # per channel with Python scalars (the same float32 values as tensors of them): a plan's
+    # module then holds no tensor made from data inside its code
+    return torch.stack([(image[:, c] - MEAN[c]) / STD[c] for c in range(3)], dim=1)
 
 
 def _from_openclip(sd: dict[str, torch.Tensor], prefix: str = "visual.") -> dict[str, torch.Tensor]:

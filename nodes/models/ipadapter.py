@@ -272,7 +272,21 @@ def prepare(model, file: dict, clip_vision, image: torch.Tensor, *, weight: floa
         raise ValueError(f"the IP-Adapter takes {kind.embedding_dim}-wide CLIP vision "
                          f"{'hidden states' if kind.plus else 'embeddings'} but this encoder gives {have}: "
                          "use the CLIP vision model it was trained with (ViT-H or ViT-bigG)")
-    dtype, device = model.dtype, model.device
+    module = IPAdapterModule(file, kind).to(model.device, model.dtype)
+    with torch.inference_mode():
+        cond_tokens, uncond_tokens = reference_tokens(clip_vision, module, kind, image, image_negative,
+                                                      combine_embeds, model.device, model.dtype)
+    ms = model.model_sampling
+    return IPAdapterPatch(module, cond_tokens, uncond_tokens,
+                          layer_weights(weight, weight_type, model.arch == "sdxl"), weight_type,
+                          ms.percent_to_sigma(start_at), ms.percent_to_sigma(end_at), embeds_scaling,
+                          None if attn_mask is None else attn_mask.to(model.device, model.dtype))
+
+
+def reference_tokens(clip_vision, module: IPAdapterModule, kind: AdapterKind, image: torch.Tensor,
+                     image_negative: torch.Tensor | None, combine_embeds: str, device, dtype):
+    """The projected (cond, uncond) tokens of the reference images: encode at 224 px, combine,
+    project -- what ``prepare`` gives the patch and a plan computes from run-time images."""
     cond = getattr(clip_vision.encode_image(image, size=CLIPVISION_SIZE), kind.embeds)
     if kind.plus:
         negative = image_negative if image_negative is not None else torch.zeros([1, CLIPVISION_SIZE,
@@ -286,11 +300,5 @@ def prepare(model, file: dict, clip_vision, image: torch.Tensor, *, weight: floa
     cond, uncond = cond.to(device, dtype), uncond.to(device, dtype)
     if combine_embeds != "concat" and cond.shape[0] > 1:
         cond, uncond = combine(cond, combine_embeds), uncond[0].unsqueeze(0)
-    module = IPAdapterModule(file, kind).to(device, dtype)
-    with torch.inference_mode():
-        cond_tokens, uncond_tokens = module.image_proj_model(cond), module.image_proj_model(uncond)
-    ms = model.model_sampling
-    return IPAdapterPatch(module, cond_tokens.to(device, dtype), uncond_tokens.to(device, dtype),
-                          layer_weights(weight, weight_type, model.arch == "sdxl"), weight_type,
-                          ms.percent_to_sigma(start_at), ms.percent_to_sigma(end_at), embeds_scaling,
-                          None if attn_mask is None else attn_mask.to(device, dtype))
+    project = module.image_proj_model
+    return project(cond).to(device, dtype), project(uncond).to(device, dtype)

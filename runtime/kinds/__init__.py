@@ -6,6 +6,7 @@ from __future__ import annotations
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds.base import StageContext, StageKind
 from kiln.runtime.kinds.empty_latent import EmptyLatent
+from kiln.runtime.kinds.load_image import LoadImage
 from kiln.runtime.kinds.lora import Lora
 from kiln.runtime.kinds.module import Module
 from kiln.runtime.kinds.sample import Sample
@@ -13,7 +14,7 @@ from kiln.runtime.kinds.save_image import SaveImage
 from kiln.runtime.kinds.tokenize import Tokenize
 
 KINDS: dict[str, StageKind] = {kind.name: kind for kind in (Tokenize(), Sample(), Module(), SaveImage(),
-                                                            EmptyLatent(), Lora())}
+                                                            EmptyLatent(), Lora(), LoadImage())}
 
 __all__ = ["KINDS", "StageContext", "StageKind", "kind_of"]
 

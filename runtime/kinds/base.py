@@ -32,6 +32,7 @@ class StageContext:
     on_preview: Callable[[str, Any, float], None] | None = None  # (stage, denoised, latent scale factor)
     lora_dirs: tuple[Path, ...] = ()                             # where ``lora`` stages find files by name
     loras: list = field(default_factory=list)                    # LoraSpec: what ``lora`` stages named
+    input_dir: Path | None = None                                # where ``load_image`` stages read files
 
 
 class StageKind:

@@ -2,9 +2,10 @@
 plan's weights carry for this run; the executor patches them before the next compiled stage."""
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from kiln.runtime.errors import PlanError
+from kiln.runtime.files import find_in_folders
 from kiln.runtime.kinds.base import StageKind
 from kiln.runtime.lora import LoraSpec
 
@@ -32,20 +33,17 @@ class Lora(StageKind):
 
 
 def resolve_lora(name: str, folders, node_id: str, class_type: str | None) -> Path:
-    """``name`` as a file in one of ``folders``: relative, without ``..`` (a request never names a
-    file outside them; links placed inside them by the owner are followed, as ComfyUI does)."""
+    """``name`` as a file in one of the LoRA ``folders`` (``find_in_folders``)."""
     where = {"node_id": node_id, "class_type": class_type, "input_name": "lora_name"}
-    relative = PurePosixPath(name.replace("\\", "/"))
-    if not name or relative.is_absolute() or ".." in relative.parts:
-        raise PlanError("invalid_input", "a LoRA name is a file inside the LoRA folders", **where,
-                        expected="a relative name such as style.safetensors", found=repr(name))
     if not folders:
         raise PlanError("missing_lora", "this plan applies a LoRA by name and was given no LoRA folders",
                         **where, expected="kiln run x.plan --models <ComfyUI models folder> (its loras/)",
                         found=repr(name))
-    for folder in folders:
-        candidate = Path(folder) / relative
-        if candidate.is_file():
-            return candidate
-    raise PlanError("missing_lora", "no such LoRA file", **where,
-                    expected="a file in " + ", ".join(str(f) for f in folders), found=repr(name))
+    try:
+        return find_in_folders(name, folders, "a LoRA")
+    except ValueError:
+        raise PlanError("invalid_input", "a LoRA name is a file inside the LoRA folders", **where,
+                        expected="a relative name such as style.safetensors", found=repr(name)) from None
+    except FileNotFoundError:
+        raise PlanError("missing_lora", "no such LoRA file", **where,
+                        expected="a file in " + ", ".join(str(f) for f in folders), found=repr(name)) from None

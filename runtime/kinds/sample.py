@@ -22,15 +22,19 @@ _SIMPLE = ("denoise",)
 _ADVANCED = ("add_noise", "start_at_step", "end_at_step", "return_with_leftover_noise")
 # A guided sample stage's conditioning inputs: ``<side>.<entry>.<field>``.
 GUIDED_PREFIXES = ("positive.", "negative.")
+# Tensors computed from run-time images that the denoiser reads in place of its buffers
+# (IP-Adapter embeds, ControlNet hints): ``bound.<env name>``, after the other tensors.
+BOUND_PREFIX = "bound."
 
 
 class CompiledDenoiser(Denoiser):
     """The samplers' denoiser around a compiled one returning (CFG-combined denoised, uncond
     denoised): the prediction comes back combined, with the uncond the CFG++ samplers step on.
 
-    The module's inputs around cfg: the (cond, uncond) contexts before it; after it SDXL's ys and
-    an inpainting UNet's c_concat (built by ``prepare`` once the sampler-space latent is known),
-    or for a guided denoiser every conditioning tensor.
+    The module's inputs around cfg: the (cond, uncond) contexts before it; after it SDXL's ys,
+    the bound tensors and an inpainting UNet's c_concat (built by ``prepare`` once the
+    sampler-space latent is known), or for a guided denoiser every conditioning tensor, then the
+    bound ones.
     """
 
     def __init__(self, run: Callable[..., list[torch.Tensor]], model_sampling: ModelSamplingDiscrete,
@@ -77,6 +81,7 @@ class Sample(StageKind):
         if stage.params.get("guided"):   # conditioning tensors by entry instead of the two contexts
             required = ("latent",)
             optional = optional + tuple(n for n in stage.inputs if n.startswith(GUIDED_PREFIXES))
+        optional = optional + tuple(n for n in stage.inputs if n.startswith(BOUND_PREFIX))
         advanced = any(name in stage.inputs or name in stage.params for name in _ADVANCED)
         return required, optional, self.settings + (_ADVANCED if advanced else _SIMPLE)
 
@@ -108,6 +113,7 @@ class Sample(StageKind):
         if "sdxl" in stage.params:   # y from each side's pooled text and the sizes of this latent
             extra += [sdxl_y(stage.params["sdxl"], side, args[f"{side}_pooled"], latent.shape).to(device)
                       for side in ("cond", "uncond")]
+        extra += [args[name].to(device) for name in stage.inputs if name.startswith(BOUND_PREFIX)]
         model = CompiledDenoiser(ctx.compiled[stage.name], model_sampling, contexts, extra, float(values["cfg"]),
                                  device, inpaint=bool(stage.params.get("inpaint")))
         callback = None
