@@ -30,6 +30,7 @@ class Node:
 class Graph:
     nodes: dict[str, Node]
     source: dict | None = None     # the API workflow as read, embedded into saved PNGs
+    editor: dict | None = None     # the editor's (UI-format) graph it was converted from: the PNGs' workflow chunk
 
     def topological_order(self, roots: list[str] | None = None) -> list[str]:
         """Nodes reachable backwards from ``roots`` (default: all), dependencies first.

@@ -24,27 +24,19 @@ _CONVERTERS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 def validate(graph: Graph, models: ModelFolders | None = None, input_dir: str | Path | None = None) -> Graph:
     """Return ``graph`` with its constants converted, or raise KilnError listing every problem."""
     problems: list[Problem] = []
-    defs: dict[str, NodeDef] = {}
     known = registry.all_nodes()
-    for node in graph.nodes.values():
-        node_def = known.get(node.class_type)
-        if node_def is None:
-            problems.append(Problem("missing_node_type", f"node type {node.class_type!r} is not supported by kiln",
-                                    node_id=node.id, class_type=node.class_type, title=node.title,
-                                    hint=did_you_mean(node.class_type, known)))
-        else:
-            defs[node.id] = node_def
+    defs = node_defs(graph, problems)
     outputs = [node_id for node_id, d in defs.items() if d.output_node]
     if not outputs and not problems:
-        problems.append(Problem("prompt_no_outputs", "the workflow has no output node",
+        problems.append(Problem("prompt_no_outputs", "Prompt has no outputs",
                                 expected="at least one of " + ", ".join(
                                     sorted(c for c, d in known.items() if d.output_node)),
                                 found=", ".join(sorted({n.class_type for n in graph.nodes.values()}))))
     try:
         needed = graph.topological_order(outputs)
-    except ValueError as cycle:
+    except ValueError as cycle:   # still check every node, so each problem is told at once
         problems.append(Problem("dependency_cycle", f"the workflow has a cycle: {cycle}"))
-        raise KilnError(problems) from None
+        needed = list(graph.nodes)
 
     checked: dict[str, Node] = dict(graph.nodes)
     for node_id in needed:
@@ -55,6 +47,21 @@ def validate(graph: Graph, models: ModelFolders | None = None, input_dir: str | 
     if problems:
         raise KilnError(problems)
     return replace(graph, nodes=checked)
+
+
+def node_defs(graph: Graph, problems: list[Problem]) -> dict[str, NodeDef]:
+    """Each node's catalogue definition; a problem for each class_type kiln does not have."""
+    known = registry.all_nodes()
+    defs = {}
+    for node in graph.nodes.values():
+        node_def = known.get(node.class_type)
+        if node_def is None:
+            problems.append(Problem("missing_node_type", f"node type {node.class_type!r} is not supported by kiln",
+                                    node_id=node.id, class_type=node.class_type, title=node.title,
+                                    hint=did_you_mean(node.class_type, known)))
+        else:
+            defs[node.id] = node_def
+    return defs
 
 
 def _check_node(graph: Graph, node: Node, node_def: NodeDef, defs: dict[str, NodeDef],

@@ -2,7 +2,8 @@
 
 API format: ``{"<id>": {"class_type": str, "inputs": {name: constant | [source_id, slot]},
 "_meta": {"title": str}}}``. ComfyUI's UI format (top-level "nodes"/"links", what "Save"
-writes) is recognised and refused with a message saying how to export the API format.
+writes) is converted to it first (``kiln.compiler.ui_workflow``), and a PNG that ComfyUI or
+kiln wrote is read from its ``prompt`` text chunk (API), else its ``workflow`` chunk (UI).
 """
 from __future__ import annotations
 
@@ -12,20 +13,42 @@ from typing import Any
 
 from kiln.kernels.errors import KilnError, Problem, short_repr
 from kiln.compiler.graph import Graph, Link, Node
+from kiln.compiler.ui_workflow import is_ui_workflow, ui_to_api
 
-UI_FORMAT_HINT = ("this is ComfyUI's UI (editor) format; kiln reads the API format: in ComfyUI "
-                  "enable Settings > Dev mode and use 'Save (API Format)' / 'Export (API)'")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def load_workflow(path: str | Path) -> Graph:
+    """A workflow file: API or UI JSON, or a PNG carrying one."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        if data.startswith(PNG_SIGNATURE):
+            return parse_workflow(png_workflow(path), name=str(path))
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise KilnError([Problem("invalid_prompt", f"workflow file {str(path)!r} does not exist")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KilnError([Problem("invalid_prompt", f"cannot read workflow file {str(path)!r}: {exc}")]) from None
     return parse_workflow(text, name=str(path))
+
+
+def png_workflow(path: Path) -> str:
+    """The JSON text of a PNG's ``prompt`` chunk (the API graph ComfyUI ran), else its
+    ``workflow`` chunk (the editor's graph)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            chunks = dict(getattr(image, "text", {}) or {})
+    except (OSError, UnidentifiedImageError) as exc:
+        raise KilnError([Problem("invalid_prompt", f"cannot read the PNG {str(path)!r}: {exc}")]) from None
+    for key in ("prompt", "workflow"):
+        if chunks.get(key):
+            return chunks[key]
+    raise KilnError([Problem("invalid_prompt", f"{path} holds no workflow",
+                             expected="a PNG that ComfyUI or kiln saved (text chunk 'prompt' or 'workflow')",
+                             found="text chunks: " + (", ".join(sorted(chunks)) or "none"))])
 
 
 def parse_workflow(text: str | dict, name: str = "workflow") -> Graph:
@@ -42,10 +65,11 @@ def parse_workflow(text: str | dict, name: str = "workflow") -> Graph:
         raise KilnError([Problem("invalid_prompt", f"{name} is not a workflow",
                                  expected="a JSON object mapping node ids to nodes",
                                  found=f"a JSON {type(data).__name__}")])
-    if "nodes" in data and "links" in data:
-        raise KilnError([Problem("invalid_prompt", f"{name}: {UI_FORMAT_HINT}")])
     if "prompt" in data and isinstance(data["prompt"], dict) and "class_type" not in data:
         data = data["prompt"]   # the body of a POST /prompt request
+    editor = None
+    if is_ui_workflow(data):
+        editor, data = data, ui_to_api(data)
     problems: list[Problem] = []
     nodes: dict[str, Node] = {}
     for node_id, raw in data.items():
@@ -82,9 +106,9 @@ def parse_workflow(text: str | dict, name: str = "workflow") -> Graph:
         nodes[node_id] = Node(node_id, class_type, inputs, title)
     if problems:
         raise KilnError(problems)
-    if not nodes:
-        raise KilnError([Problem("invalid_prompt", f"{name} contains no nodes")])
-    return Graph(nodes, source=data)
+    if not nodes:   # ComfyUI's words for an empty prompt
+        raise KilnError([Problem("prompt_no_outputs", "Prompt has no outputs", found=f"{name} holds no nodes")])
+    return Graph(nodes, source=data, editor=editor)
 
 
 def _parse_link(value: list) -> Link | None:

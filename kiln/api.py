@@ -25,14 +25,16 @@ def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = Non
                  output_dir: str | Path = "output", device: str = "cpu", dtype: str = "fp32",
                  seed: int | None = None, overrides: dict[tuple[str, str], Any] | None = None,
                  progress: NodeProgress | None = None, settings: Settings = Settings()) -> RunResult:
-    """Validate then run an API-format workflow eagerly; SaveImage writes under ``output_dir``."""
+    """Validate then run a workflow (API or UI format, a dict, a file or a PNG carrying one)
+    eagerly; SaveImage writes under ``output_dir``."""
     graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     graph = apply_overrides(graph, seed=seed, overrides=overrides or {})
     folders = ModelFolders.from_models_dir(models, extra_model_paths)
     graph = validate(graph, folders, input_dir)
     _check_device(device, dtype)
     ctx = RunContext(models=folders, input_dir=str(input_dir) if input_dir else None,
-                     output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source, settings=settings)
+                     output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source, settings=settings,
+                     extra_pnginfo={"workflow": graph.editor} if graph.editor is not None else None)
     if progress is not None:
         ctx.progress = lambda step, total: progress(ctx.node_id, step, total)
     return run_graph(graph, ctx)
@@ -65,7 +67,7 @@ def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str
         nodes[node_id].inputs[input_name] = value
         if source is not None and node_id in source:
             source[node_id].setdefault("inputs", {})[input_name] = value
-    return Graph(nodes, source=source)
+    return replace(graph, nodes=nodes, source=source)
 
 
 def _check_device(device: str, dtype: str) -> None:

@@ -44,10 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of node failures")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a ComfyUI API-format workflow with ComfyUI's numerics, or a compiled plan")
-    run.add_argument("workflow", type=Path, help="workflow.json (ComfyUI API format) or a .plan file")
+    run = sub.add_parser("run", help="run a ComfyUI workflow with ComfyUI's numerics, or a compiled plan")
+    run.add_argument("workflow", type=Path, help="workflow.json (API or UI format), a ComfyUI PNG, or a .plan file")
     _add_run_options(run)
     run.set_defaults(handler=_run)
+
+    convert = sub.add_parser("convert", help="write the API form of a UI-format workflow (or of a ComfyUI PNG)")
+    convert.add_argument("workflow", type=Path, help="workflow.json as the ComfyUI editor saves it, or a PNG")
+    convert.add_argument("-o", "--output", type=Path, required=True, help="the API-format JSON to write")
+    convert.set_defaults(handler=_convert)
 
     inspect = sub.add_parser("inspect", help="show a plan's target, inputs, stages, folded nodes and sizes")
     inspect.add_argument("plan", type=Path, help="a .plan file written by kiln compile")
@@ -58,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
     compile_ = sub.add_parser("compile", help="compile a workflow into a plan file for one device and precision")
-    compile_.add_argument("workflow", type=Path, help="workflow.json (ComfyUI API format)")
+    compile_.add_argument("workflow", type=Path, help="workflow.json (API or UI format) or a ComfyUI PNG")
     compile_.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write")
     compile_.add_argument("--models", type=Path, help="a ComfyUI models folder (checkpoints/, vae/, ...)")
     compile_.add_argument("--extra-model-paths", type=Path, help="ComfyUI's extra_model_paths.yaml")
@@ -94,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the interpreter's)")
     serve.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     serve.set_defaults(handler=_serve)
-    for p in (run, inspect, demo, compile_, serve):
+    for p in (run, inspect, demo, compile_, serve, convert):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of node failures")
     return parser
@@ -230,6 +235,23 @@ def _serve(args: argparse.Namespace) -> int:
         compile=args.compile, compile_after=args.compile_after, max_models=args.max_models, cache_mb=args.cache_mb,
         max_upload_mb=args.max_upload_mb, api_key=args.api_key, preview_method=args.preview_method,
         device=args.device, dtype=args.dtype, settings=args.settings))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """The API prompt of the file (nodes kiln does not know are errors: their widgets cannot be named)."""
+    from kiln.compiler.validate import node_defs
+    from kiln.compiler.workflow import load_workflow
+    from kiln.runtime.files import atomic_file
+
+    graph = load_workflow(args.workflow)
+    problems: list[Problem] = []
+    node_defs(graph, problems)
+    if problems:
+        raise KilnError(problems)
+    with atomic_file(args.output) as f:
+        f.write(json.dumps(graph.source, indent=2).encode() + b"\n")
+    print(args.output)
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -116,12 +116,30 @@ def test_an_identical_prompt_returns_at_once_from_the_cache(server):
 
 
 # --- refusals --------------------------------------------------------------------------------
+def test_the_editors_format_is_run_as_its_api_form(server, reference):
+    """A UI-format graph posted to /prompt (ComfyUI's own server refuses it): the API form runs,
+    the history and the PNG's prompt chunk hold it, the PNG's workflow chunk the editor's graph."""
+    from ui_files import UiWorkflow
+
+    ui = UiWorkflow(txt2img(seed=31)).data()
+    entry = server.wait_for_history(server.queue_prompt(ui)["prompt_id"])
+    assert entry["status"]["status_str"] == "success"
+    assert entry["prompt"][2]["3"]["inputs"]["seed"] == 31 and entry["prompt"][2]["3"]["class_type"] == "KSampler"
+    png = server.first_image(entry)
+    assert np.array_equal(_pixels(png), _pixels(reference("ui", txt2img(seed=31))))
+    with Image.open(io.BytesIO(png)) as decoded:
+        assert json.loads(decoded.text["workflow"]) == ui
+        assert json.loads(decoded.text["prompt"])["3"]["inputs"]["seed"] == 31
+
+
 def test_bad_prompts_are_refused_in_comfyuis_shape_and_nothing_is_queued(server):
     url = server.url + "/prompt"
     bad = requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_prompt"
     assert requests.post(url, json={"client_id": "x"}).json()["error"]["type"] == "no_prompt"
     assert requests.post(url, json={"prompt": [1, 2]}).json()["error"]["type"] == "invalid_prompt"
+    empty = requests.post(url, json={"prompt": {}}).json()["error"]
+    assert (empty["type"], empty["message"]) == ("prompt_no_outputs", "Prompt has no outputs")
     unknown = txt2img()
     unknown["30"] = {"class_type": "FancyNode", "inputs": {}}
     body = requests.post(url, json={"prompt": unknown}).json()

@@ -45,9 +45,12 @@ def test_not_a_workflow():
     assert "is not a workflow" in message and "found a JSON list" in message
 
 
-def test_ui_format_is_named():
-    message = parse_error(json.dumps({"nodes": [], "links": [], "version": 0.4}))
-    assert "UI (editor) format" in message and "API" in message
+def test_an_empty_workflow_has_no_outputs_in_comfyuis_words():
+    for text in ("{}", json.dumps({"nodes": [], "links": [], "version": 0.4})):
+        with pytest.raises(KilnError) as info:
+            parse_workflow(text)
+        [problem] = info.value.problems
+        assert (problem.code, problem.message) == ("prompt_no_outputs", "Prompt has no outputs")
 
 
 def test_missing_class_type():
@@ -84,8 +87,11 @@ def test_link_to_missing_node_and_slot(models_dir):
 
 
 def test_cycle(models_dir):
-    [message] = problems(variant(txt2img(), "8", samples=["8", 0]), models_dir)
-    assert message == "dependency_cycle: the workflow has a cycle: 8 -> 8"
+    """A link that closes a cycle and has the wrong type: both told at once."""
+    cycle, mismatch = problems(variant(txt2img(), "8", samples=["8", 0]), models_dir)
+    assert cycle == "dependency_cycle: the workflow has a cycle: 8 -> 8"
+    assert "node 8 (VAEDecode), input 'samples': return_type_mismatch" in mismatch
+    assert "expected LATENT; found IMAGE" in mismatch
 
 
 def test_return_type_mismatch(models_dir):

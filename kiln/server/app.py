@@ -32,6 +32,7 @@ from kiln.server.pool import WorkerPool
 from kiln.server.protocol import preview_frame, text_frame
 from kiln.server.queue import Job, PromptQueue
 from kiln.server.runner import Outcome
+from kiln.compiler.ui_workflow import is_ui_workflow
 from kiln.server.validation import Refusal, check_prompt, error
 
 log = logging.getLogger("kiln.serve")
@@ -247,7 +248,10 @@ class Front:
         except Refusal as refusal:
             return _refused(refusal)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        await self.queue.put(Job(number, prompt_id, body["prompt"], extra_data, outputs, graph))
+        if is_ui_workflow(body["prompt"]):   # the editor's graph: run its API form, keep it for the PNGs
+            pnginfo = {"workflow": body["prompt"], **(extra_data.get("extra_pnginfo") or {})}
+            extra_data = {**extra_data, "extra_pnginfo": pnginfo}
+        await self.queue.put(Job(number, prompt_id, graph.source, extra_data, outputs, graph))
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
 
     async def get_queue(self, request: web.Request) -> web.Response:
