@@ -9,10 +9,14 @@ widget inputs in the catalogue's order; the seed widget is followed by its
 button's value at the end. Reroutes and PrimitiveNodes are resolved into their targets, Notes
 dropped, muted nodes (mode 2) dropped and bypassed ones (mode 4) passed through by type;
 subgraph instances are expanded with ids ``"<instance>:<inner>"``. The saved seed is the one
-the run uses, as ComfyUI's first Queue after opening the file uses it (control after generate).
+the first run uses, as ComfyUI's first Queue after opening the file uses it; its
+``control_after_generate`` mode goes to the node's ``_meta`` and ``after_generate`` applies it
+between runs, as ComfyUI does between queued prompts.
 """
 from __future__ import annotations
 
+import copy
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,9 @@ from kiln.nodes import registry
 from kiln.nodes.registry import NodeDef
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+CONTROL_META = "control_after_generate"   # _meta key: {widget: mode}
+# The front end draws random seeds below 2**50 (the largest integer a JS double steps through by 1).
+_RANDOM_LIMIT = 1125899906842624
 MUTED, BYPASSED = 2, 4
 UI_ONLY = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 # A subgraph definition's boundary: links from its input node and into its output node.
@@ -132,9 +139,10 @@ class _Converter:
             if source is None or source.get("mode") == MUTED:
                 return None
             kind = source.get("type")
-            if kind == "PrimitiveNode":
+            if kind == "PrimitiveNode":   # its value, and the control after it if any
                 values = source.get("widgets_values") or []
-                return ("value", values[0]) if values else None
+                control = values[1] if len(values) > 1 and values[1] in CONTROL_VALUES else None
+                return ("value", values[0], control) if values else None
             if kind == "Reroute" or source.get("mode") == BYPASSED:
                 link = _passed_through(level, source, link)
                 if link is None:
@@ -152,23 +160,31 @@ class _Converter:
         definition = self.catalogue.get(kind)
         title = node.get("title") or (definition.display_name if definition else None) or kind
         inputs: dict[str, Any] = {}
+        controls: dict[str, str] = {}
         values = node.get("widgets_values")
         if isinstance(values, dict):    # some nodes store their widgets by name
             inputs.update(values)
         elif isinstance(values, list) and definition is not None:
-            inputs.update(self._widgets(level.prefix + node_id, title, definition, values))
+            inputs.update(self._widgets(level.prefix + node_id, title, definition, values, controls))
         for entry in node.get("inputs") or []:
             if not isinstance(entry, dict) or entry.get("link") is None or not entry.get("name"):
                 continue
             link = level.links.get(entry["link"])
             source = self._resolve(level, link) if link is not None else None
+            controls.pop(entry["name"], None)
             if source is None:
                 inputs.pop(entry["name"], None)
+            elif isinstance(source, tuple):
+                inputs[entry["name"]] = source[1]
+                if source[2] is not None and definition is not None and entry["name"] == definition.seed:
+                    controls[entry["name"]] = source[2]
             else:
-                inputs[entry["name"]] = source[1] if isinstance(source, tuple) else source
-        return {"inputs": inputs, "class_type": kind, "_meta": {"title": title}}
+                inputs[entry["name"]] = source
+        meta = {"title": title, **({CONTROL_META: controls} if controls else {})}
+        return {"inputs": inputs, "class_type": kind, "_meta": meta}
 
-    def _widgets(self, node_id: str, title: str, definition: NodeDef, values: list) -> dict[str, Any]:
+    def _widgets(self, node_id: str, title: str, definition: NodeDef, values: list,
+                 controls: dict[str, str]) -> dict[str, Any]:
         """Positional widget values -> inputs (fewer values than widgets: the rest keep their defaults)."""
         specs = [spec for spec in definition.inputs if spec.is_widget]
         out, index = {}, 0
@@ -178,7 +194,8 @@ class _Converter:
             out[spec.name] = values[index]
             index += 1
             if spec.name == definition.seed and index < len(values) and values[index] in CONTROL_VALUES:
-                index += 1   # control_after_generate
+                controls[spec.name] = values[index]   # control_after_generate
+                index += 1
         uploads = any(spec.folder == "input" for spec in specs)
         if len(values) - index > (1 if uploads else 0):
             names = [s.name + (", control_after_generate" if s.name == definition.seed else "") for s in specs]
@@ -200,3 +217,27 @@ def _passed_through(level: _Level, node: dict, link: _Link) -> _Link | None:
         return level.links[inputs[link.slot]["link"]]
     match = next((e for e in linked if e.get("type") == link.type), None)
     return level.links[match["link"]] if match else None
+
+
+def after_generate(prompt: dict, rng: random.Random) -> dict:
+    """The prompt the next run uses: each ``control_after_generate`` widget changed as ComfyUI's
+    front end changes it after queueing (``fixed`` keeps it; ``increment``/``decrement`` step by 1
+    within the widget's range; ``randomize`` draws from the range, below 2**50)."""
+    catalogue = registry.all_nodes()
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        definition = catalogue.get(node.get("class_type"))
+        for name, mode in ((node.get("_meta") or {}).get(CONTROL_META) or {}).items():
+            spec = definition.input(name) if definition is not None else None
+            value = node.get("inputs", {}).get(name)
+            if spec is None or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            low, high = int(spec.min or 0), int(min(spec.max, _RANDOM_LIMIT) if spec.max is not None else _RANDOM_LIMIT)
+            if mode == "increment":
+                value = min(value + 1, int(spec.max) if spec.max is not None else value + 1)
+            elif mode == "decrement":
+                value = max(value - 1, low)
+            elif mode == "randomize":
+                value = rng.randrange(low, high)
+            node["inputs"][name] = value
+    return out

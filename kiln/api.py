@@ -20,14 +20,15 @@ from kiln.nodes.registry import RunContext
 NodeProgress = Callable[[str, int, int], None]
 
 
-def run_workflow(workflow: str | Path | dict, *, models: str | Path | None = None,
+def run_workflow(workflow: str | Path | dict | Graph, *, models: str | Path | None = None,
                  extra_model_paths: str | Path | None = None, input_dir: str | Path | None = None,
                  output_dir: str | Path = "output", device: str = "cpu", dtype: str = "fp32",
                  seed: int | None = None, overrides: dict[tuple[str, str], Any] | None = None,
                  progress: NodeProgress | None = None, settings: Settings = Settings()) -> RunResult:
     """Validate then run a workflow (API or UI format, a dict, a file or a PNG carrying one)
     eagerly; SaveImage writes under ``output_dir``."""
-    graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
+    graph = workflow if isinstance(workflow, Graph) else \
+        parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     graph = apply_overrides(graph, seed=seed, overrides=overrides or {})
     folders = ModelFolders.from_models_dir(models, extra_model_paths)
     graph = validate(graph, folders, input_dir)

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a ComfyUI workflow with ComfyUI's numerics, or a compiled plan")
     run.add_argument("workflow", type=Path, help="workflow.json (API or UI format), a ComfyUI PNG, or a .plan file")
+    run.add_argument("--runs", type=int, default=1, metavar="N",
+                     help="workflows: queue it N times, as ComfyUI's batch count: each seed's control_after_generate "
+                          "(fixed, increment, decrement, randomize) applies between runs")
     _add_run_options(run)
     run.set_defaults(handler=_run)
 
@@ -131,23 +134,39 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if _is_plan(args.workflow):
+        if args.runs != 1:
+            raise KilnError([Problem("invalid_option", "--runs applies to workflows", input_name="--runs",
+                                     expected="a workflow file (a plan: run it again with --seed)",
+                                     found=str(args.runs))])
         return _run_plan(args)
     if args.lora:
         raise KilnError([Problem("invalid_option", "--lora applies to compiled plans", input_name="--lora",
                                  expected="a LoraLoader node in the workflow (or a .plan file)",
                                  found=" ".join(args.lora))])
+    import random
+    from dataclasses import replace
+
     from kiln.api import run_workflow
+    from kiln.compiler.ui_workflow import after_generate
+    from kiln.compiler.workflow import load_workflow, parse_workflow
     from kiln.progress import ProgressBars, timing_summary
 
-    with ProgressBars() as bars:
-        result = run_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
-                              input_dir=args.input_dir, output_dir=args.output, device=args.device,
-                              dtype=args.dtype, seed=args.seed, overrides=_parse_sets(args.set),
-                              progress=None if args.quiet else bars.node_step, settings=args.settings)
-    if not args.quiet:
-        print(timing_summary(result.timings), file=sys.stderr)
-    for path in result.saved:
-        print(path)
+    if args.runs < 1:
+        raise KilnError([Problem("invalid_option", "--runs needs a positive count", input_name="--runs",
+                                 expected="1 or more", found=str(args.runs))])
+    graph, rng = load_workflow(args.workflow), random.Random()
+    for run in range(args.runs):
+        if run:   # ComfyUI changes the controlled widgets after each queued prompt
+            graph = replace(parse_workflow(after_generate(graph.source, rng)), editor=graph.editor)
+        with ProgressBars() as bars:
+            result = run_workflow(graph, models=args.models, extra_model_paths=args.extra_model_paths,
+                                  input_dir=args.input_dir, output_dir=args.output, device=args.device,
+                                  dtype=args.dtype, seed=args.seed, overrides=_parse_sets(args.set),
+                                  progress=None if args.quiet else bars.node_step, settings=args.settings)
+        if not args.quiet:
+            print(timing_summary(result.timings), file=sys.stderr)
+        for path in result.saved:
+            print(path)
     return 0
 
 

@@ -134,3 +134,25 @@ def test_a_subgraph_instance_is_expanded(models_dir, input_dir, tmp_path):
     assert converted["80:2"]["inputs"]["images"] == ["80:1", 0]
     assert np.array_equal(render(data, models_dir, input_dir, tmp_path / "ui"),
                           render(api, models_dir, input_dir, tmp_path / "api"))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "increment", "randomize"])
+def test_control_after_generate_applies_between_runs(mode, models_dir, input_dir, tmp_path, capsys):
+    """``kiln run ui.json --runs 3``: the first run uses the saved seed, then each seed's control
+    changes it as ComfyUI's Queue does (the prompt chunk of each PNG holds the seed it ran)."""
+    ui = UiWorkflow(txt2img(seed=40))
+    ui.nodes[3]["widgets_values"][1] = mode
+    source = tmp_path / "ui.json"
+    source.write_text(json.dumps(ui.data()))
+    assert main(["run", str(source), "--runs", "3", "--quiet", "--models", str(models_dir),
+                 "-o", str(tmp_path / "out")]) == 0
+    saved = capsys.readouterr().out.split()
+    seeds = [json.loads(Image.open(path).text["prompt"])["3"]["inputs"]["seed"] for path in saved]
+    assert seeds[0] == 40
+    if mode == "fixed":
+        assert seeds == [40, 40, 40] and np.array_equal(_image(saved[0]), _image(saved[2]))
+    elif mode == "increment":
+        assert seeds == [40, 41, 42]
+    else:
+        assert len(set(seeds)) == 3 and all(0 <= s < 2 ** 50 for s in seeds)
+    assert json.loads(Image.open(saved[0]).text["prompt"])["3"]["_meta"]["control_after_generate"] == {"seed": mode}

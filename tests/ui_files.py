@@ -89,6 +89,7 @@ class UiWorkflow:
         self.connect(node_id, 0, target, input_name)
 
     def data(self) -> dict:
-        return copy.deepcopy({"last_node_id": max(self.nodes), "last_link_id": max((link[0] for link in self.links), default=0),
+        last_link = max((link[0] for link in self.links), default=0)
+        return copy.deepcopy({"last_node_id": max(self.nodes), "last_link_id": last_link,
                               "nodes": list(self.nodes.values()), "links": self.links, "groups": [],
                               "config": {}, "extra": {}, "version": 0.4})
