@@ -29,6 +29,7 @@ CONTROL_META = "control_after_generate"   # _meta key: {widget: mode}
 # The front end draws random seeds below 2**50 (the largest integer a JS double steps through by 1).
 _RANDOM_LIMIT = 1125899906842624
 MUTED, BYPASSED = 2, 4
+GROUP_NODE_PREFIXES = ("workflow>", "workflow/")   # extra.groupNodes instances
 UI_ONLY = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 # A subgraph definition's boundary: links from its input node and into its output node.
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = "-10", "-20"
@@ -110,6 +111,12 @@ class _Converter:
                 continue
             if kind in self.subgraphs:
                 self._expand(level, node_id)
+            elif isinstance(kind, str) and kind.startswith(GROUP_NODE_PREFIXES):
+                self.problems.append(Problem(
+                    "invalid_prompt", "a group node (the editor's older grouping) is not expanded by kiln",
+                    node_id=level.prefix + node_id, class_type=kind, title=node.get("title"),
+                    expected="its nodes ungrouped, or the group converted to a subgraph, in the editor",
+                    found=f"group node {kind!r}"))
             else:
                 self.prompt[level.prefix + node_id] = self._api_node(level, node_id, node)
 

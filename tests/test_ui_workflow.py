@@ -94,6 +94,16 @@ def test_an_unknown_node_in_a_ui_file_is_named_with_its_title(tmp_path):
                                                                  "FancyCustomNode")
 
 
+def test_a_legacy_group_node_is_refused_with_what_to_do(tmp_path):
+    data = UiWorkflow(txt2img()).data()
+    data["nodes"].append({"id": 71, "type": "workflow>Upscale group", "mode": 0, "inputs": [], "outputs": [],
+                          "widgets_values": []})
+    with pytest.raises(KilnError) as failure:
+        parse_workflow(data)
+    [problem] = failure.value.problems
+    assert problem.node_id == "71" and "group node" in problem.message and "subgraph" in problem.expected
+
+
 def test_a_png_runs_again_to_the_same_image(models_dir, input_dir, tmp_path):
     first = run_workflow(txt2img(seed=21), models=models_dir, input_dir=input_dir, output_dir=tmp_path / "a")
     again = run_workflow(first.saved[0], models=models_dir, input_dir=input_dir, output_dir=tmp_path / "b")
