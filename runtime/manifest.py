@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from kiln.runtime import env
@@ -122,6 +123,12 @@ def manifest_from_dict(raw: dict) -> Manifest:
     _unique([s.name for s in inputs], "input")
     _unique([s.name for s in stages], "stage")
     members = _field(raw, "members", dict)
+    for name in members:   # names, not paths: nothing a plan lists may point outside it
+        parts = PurePosixPath(str(name)).parts
+        if not name or "\\" in name or name.startswith("/") or ".." in parts or ":" in name:
+            raise PlanError("invalid_plan", "the manifest lists a member outside the plan",
+                            expected="member names inside the plan, such as stages/sample_3.pt2",
+                            found=repr(name)[:80], hint="(the file was altered: recompile it with kiln compile)")
     for required in (WEIGHTS_MEMBER, CONSTANTS_MEMBER):
         if required not in members:
             raise PlanError("invalid_plan", f"manifest does not list member {required}")

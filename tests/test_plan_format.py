@@ -354,6 +354,11 @@ REFUSALS = {
     "unlisted_member": (lambda plan, dst: _rewrite(plan, dst, add={"extra.bin": b"x"}),
                         "invalid_plan: the plan has a member its manifest does not list: extra.bin "
                         "(the file was altered)"),
+    "member_outside": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m["members"].update(
+                           {"../../outside.bin": "0" * 64})),
+                       "invalid_plan: the manifest lists a member outside the plan (expected member names inside "
+                       "the plan, such as stages/sample_3.pt2; found '../../outside.bin') (the file was altered: "
+                       "recompile it with kiln compile)"),
     "device_unavailable": (lambda plan, dst: _rewrite(plan, dst,
                                                       edit_manifest=lambda m: m["target"].update(device="cuda")),
                            "plan_device_unavailable: the plan targets cuda but torch sees no such CUDA device "
