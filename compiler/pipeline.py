@@ -91,15 +91,17 @@ def compile_workflow(workflow: str | Path | dict, *, models: str | Path | None =
                      inputs: Iterable[str] = (), device: str = "cpu", dtype: str = "fp32",
                      backend: str | None = None, output: str | Path, settings: Settings = Settings(),
                      on_pass: Callable[[str, float], None] | None = None,
-                     progress: Progress | None = None) -> Path:
-    """Compile an API-format workflow into a plan file at ``output`` (written atomically);
-    ``backend`` "aoti" or "onnx", by default the one measured faster on the device."""
+                     progress: Progress | None = None, weights: str = "fp32") -> Path:
+    """Compile a workflow into a plan file at ``output`` (written atomically); ``backend``
+    "aoti" or "onnx", by default the one measured faster on the device; ``weights`` "fp16"
+    stores an fp32 plan's weights halved (upcast when the plan loads)."""
     backend = backend or default_backend(device)
-    _check_target(device, dtype, backend)
+    _check_target(device, dtype, backend, weights)
     graph = parse_workflow(workflow) if isinstance(workflow, dict) else load_workflow(workflow)
     options = CompileOptions(models=ModelFolders.from_models_dir(models, extra_model_paths),
                              input_dir=str(input_dir) if input_dir is not None else None,
-                             device=device, dtype=dtype, backend=backend, inputs=tuple(inputs), settings=settings)
+                             device=device, dtype=dtype, backend=backend, inputs=tuple(inputs), settings=settings,
+                             weights=None if weights == "fp32" else weights)
     c = run_passes(Compilation(graph, options), on_pass=on_pass)
     return _attempt("lower", [p.__name__ for p in PASSES], lambda: _lower(c, Path(output), settings, progress))
 
@@ -126,7 +128,7 @@ def _attempt(name: str, done: list[str], step: Callable):
         raise KilnError([Problem("compile_failed", f"{header}: {type(exc).__name__}: {exc}")]) from exc
 
 
-def _check_target(device: str, dtype: str, backend: str) -> None:
+def _check_target(device: str, dtype: str, backend: str, weights: str = "fp32") -> None:
     import torch
 
     problems = []
@@ -145,5 +147,9 @@ def _check_target(device: str, dtype: str, backend: str) -> None:
         problems.append(Problem("invalid_target", "the ONNX backend does not take bf16 (onnxruntime has no bf16 "
                                 "convolution kernels)", expected="--dtype fp32 (or fp16 on cuda) with --backend "
                                 "onnx, or --backend aoti for bf16", found="--backend onnx --dtype bf16"))
+    if weights not in ("fp32", "fp16") or (weights == "fp16" and dtype != "fp32"):
+        problems.append(Problem("invalid_target", "--weights fp16 stores an fp32 plan's weights halved",
+                                expected="--weights fp32, or fp16 with --dtype fp32",
+                                found=f"--weights {weights} --dtype {dtype}"))
     if problems:
         raise KilnError(problems)

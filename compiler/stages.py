@@ -97,6 +97,7 @@ class CompileOptions:
     device: str = "cpu"
     dtype: str = "fp32"
     backend: str = "aoti"
+    weights: str | None = None      # "fp16": fp32 weights stored halved in the plan
     inputs: tuple[str, ...] = ()    # the --input declarations, "NODE.INPUT[=lo..hi]"
     settings: Settings = Settings()
 
@@ -131,8 +132,8 @@ class Compilation:
             stages=list(self.stages), constants=dict(self.constants), inputs=list(self.inputs),
             folded=list(self.folded), dropped_models=list(self.dropped_models),
             workflow=self.graph.source or {},
-            target={"device": self.options.device, "dtype": self.options.dtype,
-                    "backend": self.options.backend}, layouts=layouts,
+            target={"device": self.options.device, "dtype": self.options.dtype, "backend": self.options.backend,
+                    **({"weights": self.options.weights} if self.options.weights else {})}, layouts=layouts,
             patchable=patchable_groups(self.handles, self.folded_clips))
 
 

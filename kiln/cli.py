@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--backend", choices=("aoti", "onnx"),
                           help="AOTInductor (.pt2) or ONNX (onnxruntime) artifacts; default: the faster one "
                                "measured for the device (README, 'Compiling plans')")
+    compile_.add_argument("--weights", choices=("fp32", "fp16"), default="fp32",
+                          help="fp16: store an fp32 plan's weights halved (half the file; upcast when it loads, "
+                               "so it computes in fp32; README, 'Compiling plans', gives the measured fidelity)")
     compile_.add_argument("--input", action="append", default=[], metavar="NODE.INPUT[=lo..hi]",
                           help="take this widget value at run time (sampler seeds always are)")
     compile_.add_argument("--quiet", action="store_true", help="no progress output")
@@ -180,7 +183,7 @@ def _compile(args: argparse.Namespace) -> int:
     with ProgressBars(unit="stage") as bars:
         path = compile_workflow(args.workflow, models=args.models, extra_model_paths=args.extra_model_paths,
                                 input_dir=args.input_dir, inputs=args.input, device=args.device, dtype=args.dtype,
-                                backend=args.backend, output=args.output, settings=args.settings,
+                                backend=args.backend, output=args.output, settings=args.settings, weights=args.weights,
                                 on_pass=None if args.quiet else report_pass,
                                 progress=None if args.quiet else bars.stage_step)
     print(path)

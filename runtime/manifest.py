@@ -110,6 +110,10 @@ def parse_manifest(data: bytes) -> Manifest:
     return manifest_from_dict(raw)
 
 
+# target["weights"] of a plan whose fp32 weights are stored as fp16 (``kiln compile --weights fp16``).
+FP16_WEIGHTS = "fp16"
+
+
 def manifest_from_dict(raw: dict) -> Manifest:
     """Structural validation of a manifest dict (also what the writer checks before writing)."""
     _field(raw, "kiln_version", str)
@@ -117,6 +121,9 @@ def manifest_from_dict(raw: dict) -> Manifest:
     target = _field(raw, "target", dict)
     for key in ("device", "dtype", "backend"):
         _field(target, key, str, "target")
+    if target.get("weights", FP16_WEIGHTS) != FP16_WEIGHTS:
+        raise PlanError("invalid_plan", "manifest field target.weights names an unknown storage",
+                        expected=repr(FP16_WEIGHTS), found=repr(target["weights"])[:60])
     _field(raw, "workflow", dict)
     inputs = [_input_spec(item, i) for i, item in enumerate(_field(raw, "inputs", list))]
     stages = [_stage_spec(item, i) for i, item in enumerate(_field(raw, "stages", list))]

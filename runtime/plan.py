@@ -28,7 +28,8 @@ from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
-from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, MANIFEST_MEMBER, WEIGHTS_MEMBER, Manifest,
+from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, FP16_WEIGHTS, MANIFEST_MEMBER, WEIGHTS_MEMBER,
+                                   Manifest,
                                    parse_manifest)
 from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
 
@@ -209,6 +210,8 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
     providers = _providers(manifest, provider)
     device = provider_device(providers, manifest.target["device"]) if onnx else torch.device(manifest.target["device"])
     weights = reader.tensors(WEIGHTS_MEMBER)
+    if manifest.target.get("weights") == FP16_WEIGHTS:   # stored halved; the stages compute in fp32
+        weights = {key: t.float() if t.dtype == torch.float16 else t for key, t in weights.items()}
     if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
     stages = _StageLoader(reader, weights, device, providers, settings)
@@ -312,7 +315,8 @@ def describe_plan(path: str | Path) -> str:
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     lines = [f"plan {reader.path}: {m.format} v{m.format_version}, kiln {m.kiln_version}, torch {m.torch_version}",
              f"target: {m.target['device']} {m.target['dtype']} ({m.target['backend']}"
-             + (f", opset {m.target['onnx_opset']})" if "onnx_opset" in m.target else ")")]
+             + (f", opset {m.target['onnx_opset']})" if "onnx_opset" in m.target else ")")
+             + (", weights stored as fp16" if m.target.get("weights") == FP16_WEIGHTS else "")]
     try:
         reader.check_compatible()
     except PlanError as problem:

@@ -49,9 +49,11 @@ class PlanWriter:
                       "folded": [...], "dropped_models": [...]})
     """
 
-    def __init__(self, path: str | os.PathLike, backend: str = "aoti", cache: Path | None = None):
+    def __init__(self, path: str | os.PathLike, backend: str = "aoti", cache: Path | None = None,
+                 fp16_weights: bool = False):
         self.path = Path(path)
         self.backend = backend
+        self.fp16_weights = fp16_weights   # fp32 weights stored as fp16 (the runtime upcasts them at load)
         self.cache = Settings().artifact_cache if cache is None else Path(cache)   # where .pt2 packages are opened
         self._artifacts: dict[str, bytes] = {}               # stage -> artifact bytes
         self._members: dict[str, str] = {}                   # stage -> artifact member (shared if identical)
@@ -138,6 +140,8 @@ class PlanWriter:
 
     def _add_weight(self, stage_name: str, fqn: str, tensor: torch.Tensor) -> str:
         tensor = _storable(tensor)
+        if self.fp16_weights and tensor.dtype == torch.float32:
+            tensor = tensor.half()
         digest = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
         content = (str(tensor.dtype), tuple(tensor.shape), digest)
         key = self._weight_keys.get(content)

@@ -25,13 +25,13 @@ LONG_PROMPT = "a (red fox:1.3) in the snow, ((detailed)), " + ", ".join(f"tree {
 
 
 def plan_compiler(folder, models_dir, input_dir, backend: str, cache):
-    """``build(name, workflow, inputs=(), dtype="fp32") -> plan path``, compiled into ``folder``
+    """``build(name, workflow, inputs=(), dtype="fp32", weights="fp32") -> plan path``, compiled into ``folder``
     with compiled artifacts cached in ``cache`` (shared by the plans of a scope)."""
     settings = Settings(cache_dir=cache)
 
-    def build(name: str, workflow: dict, inputs=(), dtype: str = "fp32"):
+    def build(name: str, workflow: dict, inputs=(), dtype: str = "fp32", weights: str = "fp32"):
         return compile_workflow(workflow, models=models_dir, input_dir=input_dir, inputs=inputs, backend=backend,
-                                dtype=dtype, output=folder / f"{name}.plan", settings=settings)
+                                dtype=dtype, output=folder / f"{name}.plan", settings=settings, weights=weights)
     return build
 
 

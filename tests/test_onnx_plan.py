@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 from kiln.api import run_workflow
@@ -20,9 +21,10 @@ from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
 from kiln.runtime.ort import CPU, choose_providers
-from kiln.runtime.plan import PlanReader, load_plan
+from kiln.runtime.plan import PlanReader, describe_plan, load_plan
 from kiln.runtime.writer import PlanWriter
-from plan_parity import LONG_PROMPT, assert_parity, check_runtime_prompt, compiled_files, plan_compiler
+from plan_parity import (LONG_PROMPT, PARITY, assert_parity, check_runtime_prompt, compiled_files, measure,
+                         plan_compiler)
 from workflows import PLAN_VARIANTS, clip_skip, hires_fix, img2img, txt2img
 
 T2I_INPUTS = ["5.width=64..96", "5.height=48..80", "5.batch_size=1..2"]
@@ -66,6 +68,24 @@ def test_hires_fix_onnx_plan_matches_interpreter(hires_plan, tmp_path, models_di
 def test_variant_matches_interpreter(compile_onnx, name, tmp_path, models_dir, input_dir):
     workflow = PLAN_VARIANTS[name]()
     assert_parity(workflow, compile_onnx(name, workflow), tmp_path, models_dir, input_dir)
+
+
+@pytest.mark.parametrize("workflow", [txt2img(), hires_fix()], ids=["txt2img", "hires-fix"])
+def test_fp16_weight_storage_halves_the_weights_and_keeps_fp32_parity(compile_onnx, workflow, tmp_path, models_dir,
+                                                                       input_dir, capsys):
+    """``--weights fp16``: the weights member is half the size, upcast at load, and the image stays
+    within the fp32 parity bound."""
+    full = compile_onnx(f"full-{len(workflow)}", workflow)
+    half = compile_onnx(f"half-{len(workflow)}", workflow, weights="fp16")
+    sizes = [load_plan(p).member_sizes[WEIGHTS_MEMBER] for p in (full, half)]
+    assert sizes[1] < sizes[0] * 0.52
+    loaded = load_plan(half)
+    assert loaded.manifest.target["weights"] == "fp16"
+    assert all(t.dtype != torch.float16 for t in loaded.stage_loader.weights.values())
+    psnr, max_diff = measure(workflow, loaded, tmp_path, models_dir, input_dir)
+    print(f"fp16 weights: {psnr:.1f} dB, max diff {max_diff:g}")
+    assert psnr >= PARITY["fp32"][0] and max_diff <= PARITY["fp32"][1]
+    assert "weights stored as fp16" in describe_plan(half)
 
 
 def test_declared_sizes_run_without_reexport(t2i_plan, onnx_cache, tmp_path, models_dir, input_dir):

@@ -32,6 +32,7 @@ from kiln.nodes.plan import NeedsStaticShapes
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.kinds.sample import BOUND_PREFIX, sdxl_y
 from kiln.runtime.lora import LORA_MEMBER
+from kiln.runtime.manifest import FP16_WEIGHTS
 from kiln.runtime.manifest import RuntimeInput
 from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
@@ -56,7 +57,8 @@ def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress 
     walks = _Walks(program)
     onnx = program.target["backend"] == "onnx"
     target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
-    writer = PlanWriter(output, backend=target["backend"], cache=cache)
+    writer = PlanWriter(output, backend=target["backend"], cache=cache,
+                        fp16_weights=target.get("weights") == FP16_WEIGHTS)
     compiled = [s for s in program.stages if KINDS[s.kind].compiled]
     stage_constants, taken = {}, {}
     for index, stage in enumerate(compiled):
