@@ -202,12 +202,15 @@ def _is_plan(path: Path) -> bool:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    from kiln.progress import ProgressBars
     from kiln.runtime.executor import run_plan, seed_values
     from kiln.runtime.lora import LoraSpec
     from kiln.runtime.plan import load_plan
 
-    plan = load_plan(args.workflow, provider=args.provider, settings=args.settings,
-                     loras=[LoraSpec.parse(text) for text in args.lora])
+    with ProgressBars(unit="stage") as bars:
+        plan = load_plan(args.workflow, provider=args.provider, settings=args.settings,
+                         loras=[LoraSpec.parse(text) for text in args.lora],
+                         progress=None if args.quiet else bars.load_step)
     values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
     for item in args.set:
         parsed = _split_set(item)
@@ -219,8 +222,6 @@ def _run_plan(args: argparse.Namespace) -> int:
         if spec is not None and spec.type == "STRING" and not isinstance(value, str):
             value = item.partition("=")[2]   # a prompt that happens to parse as JSON (42, true) is text
         values[f"{node_id}.{input_name}"] = value
-    from kiln.progress import ProgressBars
-
     with ProgressBars() as bars:
         result = run_plan(plan, values, output_dir=args.output, on_step=None if args.quiet else bars,
                           settings=args.settings, lora_dirs=[args.models / "loras"] if args.models else [],

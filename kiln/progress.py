@@ -35,6 +35,10 @@ class ProgressBars:
         """The compiler's ``progress(stage name, index, total)`` before each stage compiles."""
         self("compiling", index, total, label=f"compiling {stage}")
 
+    def load_step(self, stage: str, index: int, total: int) -> None:
+        """``load_plan``'s ``progress(stage name, index, total)`` before each artifact loads."""
+        self("loading", index, total, label=f"loading {stage}")
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -17,7 +17,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -191,9 +191,10 @@ class LoadedPlan:
 
 
 def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings(),
-              loras: Sequence[LoraSpec] = ()) -> LoadedPlan:
+              loras: Sequence[LoraSpec] = (), progress: Callable[[str, int, int], None] | None = None) -> LoadedPlan:
     """Verify (format, versions, device, member hashes), then map weights, apply ``loras`` to
-    them (``kiln.runtime.lora``) and load the artifacts.
+    them (``kiln.runtime.lora``) and load the artifacts; ``progress(stage name, index, total)``
+    before each artifact loads (a big plan takes seconds), ``("plan", total, total)`` at the end.
 
     ``provider`` forces an onnxruntime execution provider for an ONNX plan (``cuda``,
     ``TensorrtExecutionProvider``, ...): PlanError when it is not available, never a fallback.
@@ -215,7 +216,7 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
     if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
     stages = _StageLoader(reader, weights, device, providers, settings)
-    compiled, patch_seconds = stages.load(tuple(loras))
+    compiled, patch_seconds = stages.load(tuple(loras), progress)
     sizes = {name: info.file_size for name, info in reader.entries.items()}
     return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
                       providers, _tokenizers(reader), tuple(loras), patch_seconds, stages)
@@ -236,7 +237,8 @@ class _StageLoader:
         self.unpatched: dict[tuple, CompiledStage | OnnxStage] = {}
         self.variants: OrderedDict[tuple, dict] = OrderedDict()
 
-    def load(self, loras: tuple[LoraSpec, ...]) -> tuple[dict[str, CompiledStage | OnnxStage], float]:
+    def load(self, loras: tuple[LoraSpec, ...], progress: Callable[[str, int, int], None] | None = None
+             ) -> tuple[dict[str, CompiledStage | OnnxStage], float]:
         """(stage name -> loaded stage, seconds spent reading and applying the LoRAs)."""
         key = tuple(spec.identity() for spec in loras)
         if key in self.variants:
@@ -250,9 +252,10 @@ class _StageLoader:
                                    loras)
         patch_seconds = time.perf_counter() - start
         compiled, patched_loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
-        for stage in manifest.stages:
-            if stage.artifact is None:
-                continue
+        artifacts = [stage for stage in manifest.stages if stage.artifact is not None]
+        for index, stage in enumerate(artifacts):
+            if progress is not None:
+                progress(stage.name, index, len(artifacts))
             absent = sorted(k for k in stage.constant_names.values() if k not in self.weights)
             if absent:
                 raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
@@ -265,6 +268,8 @@ class _StageLoader:
                 cache[stage_key] = self._load_stage(stage, {fqn: patched.get(fqn, self.weights[k])
                                                             for fqn, k in stage.constant_names.items()})
             compiled[stage.name] = cache[stage_key]
+        if progress is not None:
+            progress("plan", len(artifacts), len(artifacts))
         if loras:
             self.variants[key] = compiled
             while len(self.variants) > self.VARIANTS:

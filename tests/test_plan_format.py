@@ -467,8 +467,10 @@ def test_cli_run_matches_interpreter_with_inputs_and_timings(plan, tmp_path, cap
     assert np.abs(pixels.astype(int) - expected).max() <= 1 and (pixels == expected).mean() > 0.99
     assert prompt["3"]["inputs"]["seed"] == 5 and prompt["5"]["inputs"]["width"] == 40
     assert prompt["10"]["inputs"] == WORKFLOW["10"]["inputs"]
-    # the same defaults again: the next counter, and the workflow's own image
-    loaded = load_plan(plan)
+    # the same defaults again: the next counter, and the workflow's own image; loading reports each artifact
+    steps = []
+    loaded = load_plan(plan, progress=lambda *step: steps.append(step))
+    assert steps == [("sample_3", 0, 3), ("sample_10", 1, 3), ("module_8", 2, 3), ("plan", 3, 3)]
     assert loaded.compiled["sample_3"] is loaded.compiled["sample_10"]   # one loaded denoiser for both
     run = run_plan(loaded, output_dir=out)
     assert run.saved == [str(out / "plan_00002_.png")] and [t.name for t in run.timings][-1] == "save_9"
