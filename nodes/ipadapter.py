@@ -158,14 +158,14 @@ def _new_embeds(inputs: dict, outputs: tuple) -> dict:
     return {"ip_cond": [(p.embeds, "cond") for p in made], "ip_uncond": [(p.embeds, "uncond") for p in made]}
 
 
-def _reference_plan(models, sockets: tuple[str, ...]) -> PlanSpec:
+def _reference_plan(models, sockets: tuple[str, ...], compile_only: tuple[str, ...] = ()) -> PlanSpec:
     """Reference images may be run-time values in a plan: their tokens are computed at run time."""
     def lower(node, w):
         adapter, clip_vision = models(w["ipadapter"], **({"clip_vision": w["clip_vision"]} if "clip_vision" in w
                                                         else {}))
         return ReferenceTokens(node, w["model"], adapter, clip_vision, w.get("combine_embeds", "concat"))
     return PlanSpec("bind", sockets=sockets, computes=("ip_cond", "ip_uncond"), lower=lower,
-                    bound=_new_embeds)
+                    bound=_new_embeds, compile_only=compile_only)
 
 
 def _apply(model, adapter: IPAdapterFile, clip_vision, image, **options):
@@ -217,7 +217,7 @@ def ipadapter_simple(model, ipadapter, image, weight: float, start_at: float, en
                             SOCKET("attn_mask", "MASK", optional=True),
                             SOCKET("clip_vision", "CLIP_VISION", optional=True)], ("MODEL",), category="ipadapter",
       display_name="IPAdapter Advanced", python_module="custom_nodes.ComfyUI_IPAdapter_plus",
-      plan=_reference_plan(_advanced_models, ("image", "image_negative")))
+      plan=_reference_plan(_advanced_models, ("image", "image_negative"), ("clip_vision",)))
 def ipadapter_advanced(model, ipadapter, image, weight: float, weight_type: str, combine_embeds: str,
                        start_at: float, end_at: float, embeds_scaling: str, image_negative=None, attn_mask=None,
                        clip_vision=None):

@@ -81,6 +81,9 @@ class PlanSpec:
     lower: Callable[[Any, dict], Any] | None = None
     sockets: tuple[str, ...] = ()
     bound: Callable[[tuple], dict] | None = None
+    # Inputs a bind node needs only for what its images give: with constant images they are
+    # used at compile time alone (the plan leaves their models out).
+    compile_only: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in PLAN_KINDS:

@@ -290,6 +290,7 @@ def test_ipadapter_plans_match_the_interpreter(ipa_models, ipa_build, tmp_path, 
     plan = ipa_build[backend]("advanced", workflow)
     loaded = load_plan(plan)
     assert [s.kind for s in loaded.manifest.stages] == ["sample", "module", "save_image"]
+    assert f"{VISION} (CLIP_VISION)" in loaded.manifest.dropped_models
     assert_parity(workflow, loaded, tmp_path, models, inputs)
 
 
@@ -312,6 +313,8 @@ def test_a_runtime_reference_image_is_encoded_at_run_time(ipa_models, ipa_build,
                                                                              "bound.32.0.ip_uncond"]
     vision = sum(t.numel() * 4 for t in clip_vision_state_dict().values())
     assert plan_path.stat().st_size > constant.stat().st_size + vision * 0.9   # the encoder is in this one only
+    assert f"{VISION} (CLIP_VISION)" not in plan.manifest.dropped_models
+    assert f"{VISION} (CLIP_VISION)" in load_plan(constant).manifest.dropped_models
     assert_parity(workflow, plan, tmp_path / "default", models, inputs)
     swapped = dict(workflow, **{"31": {"class_type": "LoadImage", "inputs": {"image": "other.png"}}})
     assert_parity(swapped, plan, tmp_path / "other", models, inputs, values={"31.image": "other.png"})

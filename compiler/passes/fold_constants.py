@@ -75,7 +75,7 @@ def fold_constants(c: Compilation) -> Compilation:
                                       for node_id, link in clip_reads if link.node_id in outputs),
                    values=values, constants=constants, folded=folded_info,
                    bindings=tuple(b for node_id in bind for b in _bindings(graph, node_id, defs[node_id], outputs)),
-                   dropped_models=tuple(_dropped_models(c, order, defs, runtime, folded)))
+                   dropped_models=tuple(_dropped_models(c, order, defs, runtime, folded, bind)))
 
 
 def _bindings(graph, node_id: str, node_def: NodeDef, outputs: dict) -> list[Binding]:
@@ -90,14 +90,18 @@ def _is_model(node_def: NodeDef) -> bool:
 
 
 def _dropped_models(c: Compilation, order: list[str], defs: dict[str, NodeDef], runtime: list[str],
-                    folded: list[str]) -> list[str]:
+                    folded: list[str], bind: list[str]) -> list[str]:
     """Loader outputs that only folded nodes read, directly or through other model nodes
-    (CLIPSetLastLayer), as ``"<file> (<TYPE>)"``."""
+    (CLIPSetLastLayer), as ``"<file> (<TYPE>)"``; the inputs a bind node with constant images
+    needs only for what those images give (IPAdapterAdvanced's clip_vision) count as folded."""
     used = {"runtime": _reads(c, runtime), "folded": _reads(c, folded)}
     for node_id in reversed(order):   # a model node's sources are needed wherever it is
+        spec = defs[node_id].plan
+        compile_only = spec.compile_only if spec is not None and node_id not in bind else ()
         for where in used.values():
             if any(link.node_id == node_id for link in where) and _is_model(defs[node_id]):
-                where.update(link for _, link in c.graph.nodes[node_id].links())
+                where.update(link for name, link in c.graph.nodes[node_id].links() if name not in compile_only)
+                used["folded"].update(link for name, link in c.graph.nodes[node_id].links() if name in compile_only)
     dropped = []
     for node_id in order:
         files = [c.graph.nodes[node_id].inputs.get(spec.name) for spec in defs[node_id].inputs
