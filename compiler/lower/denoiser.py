@@ -33,8 +33,6 @@ _NEUTRAL_OPTIONS = {"area": None, "mask": None, "concat_latent_image": None, "co
                     "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 
 
-
-
 @contextlib.contextmanager
 def _bound(places: dict[str, list[tuple[nn.Module, str]]], values: dict[str, torch.Tensor]):
     """The buffers hold the run-time tensors (the traced inputs, while exporting) for one call."""

@@ -32,8 +32,7 @@ from kiln.nodes.plan import NeedsStaticShapes
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.kinds.sample import BOUND_PREFIX, sdxl_y
 from kiln.runtime.lora import LORA_MEMBER
-from kiln.runtime.manifest import FP16_WEIGHTS
-from kiln.runtime.manifest import RuntimeInput
+from kiln.runtime.manifest import FP16_WEIGHTS, RuntimeInput
 from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
 
@@ -112,17 +111,20 @@ def _image_shapes(stage: Stage, walks: "_Walks", taken: dict[str, dict]) -> dict
     """A ``load_image`` stage's ``shapes``: height and width free (null) when every value a
     differently sized image changes reaches the compiled stages in dims they take at any size;
     else the workflow image's sizes, which the runtime then asks for."""
-    shapes = stage.params["shapes"]
-    image = shapes.get("image") or shapes["mask"] + [3]
-    resized = walks.resized(stage, (image[1] + 8, image[2] + 8))
+    resized = walks.resized(stage, grow=8)
     changed = {name: [d for d, (a, b) in enumerate(zip(t.shape, walks.fixed[name].shape)) if a != b]
                for name, t in resized.items() if name in walks.fixed and t.shape != walks.fixed[name].shape}
     free = all(not isinstance(dims.get(d), int) for stage_dims in taken.values()
                for name, dims in stage_dims.items() for d in changed.get(name, ()))
-    if not free:
-        return {}
-    return {"shapes": {local: [None if d in (1, 2) and follows else n for d, n in enumerate(shape)]
-                       for local, shape in shapes.items() for follows in [shape[1:3] == image[1:3]]}}
+    return {"shapes": _spatial(stage.params["shapes"], lambda d, n: None)} if free else {}
+
+
+def _spatial(shapes: dict[str, list], change) -> dict[str, list]:
+    """A load_image stage's shapes with ``change(dim, size)`` applied to the height and width of
+    each output that has the image's (a mask without alpha is 64x64 whatever the image)."""
+    image = shapes.get("image") or shapes["mask"] + [3]
+    return {local: [change(d, n) if d in (1, 2) and shape[1:3] == image[1:3] else n for d, n in enumerate(shape)]
+            for local, shape in shapes.items()}
 
 
 def _constant_contexts(stage: Stage, constants: dict) -> bool:
@@ -154,11 +156,10 @@ class _Walks:
         self.low = self._walk({i.env: i.min for i in self.size_inputs}, raise_batch=False)
         self.high = self._walk({i.env: i.max for i in self.size_inputs}, raise_batch=False)
 
-    def resized(self, stage: Stage, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """The ``fixed`` walk with load_image ``stage``'s image (and a mask of its size) at ``size``."""
-        image = stage.params["shapes"].get("image") or stage.params["shapes"]["mask"] + [3]
-        shapes = {local: [size[d - 1] if d in (1, 2) and shape[1:3] == image[1:3] else n for d, n in enumerate(shape)]
-                  for local, shape in stage.params["shapes"].items()}
+    def resized(self, stage: Stage, grow: int) -> dict[str, torch.Tensor]:
+        """The ``fixed`` walk with load_image ``stage``'s image (and a mask of its size) ``grow``
+        pixels higher and wider."""
+        shapes = _spatial(stage.params["shapes"], lambda d, n: n + grow)
         return self._walk(self._fixed_sizes, raise_batch=False,
                           replaced={stage.name: dataclasses.replace(stage, params={**stage.params, "shapes": shapes})})
 

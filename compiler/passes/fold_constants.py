@@ -98,10 +98,11 @@ def _dropped_models(c: Compilation, order: list[str], defs: dict[str, NodeDef], 
     for node_id in reversed(order):   # a model node's sources are needed wherever it is
         spec = defs[node_id].plan
         compile_only = spec.compile_only if spec is not None and node_id not in bind else ()
+        links = list(c.graph.nodes[node_id].links())
         for where in used.values():
             if any(link.node_id == node_id for link in where) and _is_model(defs[node_id]):
-                where.update(link for name, link in c.graph.nodes[node_id].links() if name not in compile_only)
-                used["folded"].update(link for name, link in c.graph.nodes[node_id].links() if name in compile_only)
+                where.update(link for name, link in links if name not in compile_only)
+                used["folded"].update(link for name, link in links if name in compile_only)
     dropped = []
     for node_id in order:
         files = [c.graph.nodes[node_id].inputs.get(spec.name) for spec in defs[node_id].inputs
