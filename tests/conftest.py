@@ -1,8 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+# The repository's top-level folders (kernels/, nodes/, ...) are kiln.* packages, never top-level
+# ones: with the checkout on sys.path (``python -m pytest`` puts the working directory first)
+# ``kernels/`` would shadow Hugging Face's ``kernels`` package, which transformers imports. Child
+# processes the tests start get the same protection (PYTHONSAFEPATH: no working directory first).
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
 
