@@ -80,8 +80,6 @@ def full(work: Path, runs: int) -> dict:
     stage_constants = {"sample_3": {f"unet.{k}": t for k, (t, _) in groups[0].weights.items()},
                        "module_6": {f"clip.{k}": t for k, (t, _) in groups[1].weights.items()}}
     table = lora_table(groups, stage_constants)
-    weights = {f"{stage}/{fqn}": t for stage, tensors in stage_constants.items() for fqn, t in tensors.items()}
-    names = {stage: {fqn: f"{stage}/{fqn}" for fqn in tensors} for stage, tensors in stage_constants.items()}
     sd, g, lora = read(path), torch.Generator().manual_seed(0), {}
     for key, weight in sd.items():
         unet = key.startswith("model.diffusion_model.") and any(f".{layer}.weight" in key for layer in STYLE_LAYERS)
@@ -98,7 +96,8 @@ def full(work: Path, runs: int) -> dict:
     seconds = []
     for _ in range(runs):
         start = time.perf_counter()
-        overrides = lora_overrides(weights, names, table, [LoraSpec(lora_path, 0.8, 0.6)])
+        overrides = lora_overrides(lambda stage, fqn: stage_constants[stage].get(fqn), table,
+                                   [LoraSpec(lora_path, 0.8, 0.6)])
         seconds.append(time.perf_counter() - start)
     return {"patch_s": statistics.median(seconds), "read_checkpoint_s": read_s,
             "patched_weights": sum(len(v) for v in overrides.values()),

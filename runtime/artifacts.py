@@ -1,17 +1,17 @@
 """Compiled stage artifacts: AOTInductor ``.pt2`` packages whose weights live in the plan.
 
 The AOTI loader only opens files, so each artifact is extracted once to a cache folder keyed
-by its sha256 (re-hashed when reused, so a damaged cache file is rewritten, never run).
+by its digest (re-hashed when reused, so a damaged cache file is rewritten, never run).
 Loading goes through ``torch._C._aoti.AOTIModelPackageLoader`` directly: the public
 ``torch._inductor.aoti_load_package`` wrapper imports Inductor (sympy and friends, ~2 s) just
 to unflatten a call spec that for kiln's stages is always "tensors in, tensors out".
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Mapping
 
+import blake3
 import torch
 
 from kiln.runtime.errors import PlanError
@@ -20,14 +20,16 @@ from kiln.runtime.files import atomic_file
 _MODEL_NAME = "model"   # the name aoti_compile_and_package gives a single-model package
 
 
-def sha256_of(data) -> str:
-    return hashlib.sha256(data).hexdigest()
+def digest_of(data) -> str:
+    """The BLAKE3 hex digest of a bytes-like object: what a plan lists for each member. BLAKE3 on
+    every core checks the SD1.5 weights in ~0.4 s where SHA-256 took 2.2 s, at the start of every run."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
 
 
-def cached_artifact(data, sha256: str, cache: Path) -> Path:
-    """A file under ``cache`` holding ``data`` (bytes-like whose hash is ``sha256``), written atomically if needed."""
-    path = cache / "aoti" / f"{sha256}.pt2"
-    if path.is_file() and path.stat().st_size == len(data) and sha256_of(path.read_bytes()) == sha256:
+def cached_artifact(data, digest: str, cache: Path) -> Path:
+    """A file under ``cache`` holding ``data`` (bytes-like whose digest is ``digest``), written atomically if needed."""
+    path = cache / "aoti" / f"{digest}.pt2"
+    if path.is_file() and path.stat().st_size == len(data) and digest_of(path.read_bytes()) == digest:
         return path
     write_atomically(path, data)
     return path

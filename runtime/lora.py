@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -63,11 +63,12 @@ class LoraSpec:
         return f"{self.path.name}:{self.strength_model:g}:{self.strength_clip:g}"
 
 
-def lora_overrides(weights: dict[str, torch.Tensor], constant_names: dict[str, dict[str, str]], table: dict | None,
+def lora_overrides(original: Callable[[str, str], torch.Tensor | None], table: dict | None,
                    loras: Sequence[LoraSpec]) -> dict[str, dict[str, torch.Tensor]]:
-    """Stage -> FQN -> patched tensor for the stage constants the LoRAs change (``weights``: the
-    plan's weights by key, ``constant_names``: stage -> FQN -> weight key; equal tensors share a
-    key, so patches go to FQNs, never to shared keys). Each patched weight is computed once."""
+    """Stage -> FQN -> patched tensor for the stage constants the LoRAs change. ``original(stage,
+    FQN)``: the weight as the stage holds it, in its original layout (None where the stage's graph
+    no longer reads it); equal tensors share a key in the plan, so patches go to FQNs, never to
+    shared keys. Each patched weight is computed once."""
     if not loras:
         return {}
     if table is None:
@@ -96,20 +97,24 @@ def lora_overrides(weights: dict[str, torch.Tensor], constant_names: dict[str, d
         for index, group in groups:
             strength = spec.strength_model if group["kind"] == "model" else spec.strength_clip
             for key in patches.keys() & group["targets"].keys():
-                stage, fqn = group["targets"][key]["at"][0]
-                _check_fits(spec, patches[key], weights[constant_names[stage][fqn]].shape, key)
-                pending.setdefault((index, key), []).append((strength, patches[key]))
+                weight = _held(original, group["targets"][key]["at"])
+                if weight is not None:
+                    _check_fits(spec, patches[key], weight.shape, key)
+                    pending.setdefault((index, key), []).append((strength, patches[key]))
                 taken.add(key)
         report_not_loaded(sorted(patches.keys() - taken))
     overrides: dict[str, dict[str, torch.Tensor]] = {}
     for (index, key), patch_list in pending.items():
         target = table["groups"][index]["targets"][key]
-        stage, fqn = target["at"][0]
-        tensor = patched_weight(weights[constant_names[stage][fqn]], tuple(patch_list), key,
-                                getattr(torch, target["dtype"]))
+        tensor = patched_weight(_held(original, target["at"]), tuple(patch_list), key, getattr(torch, target["dtype"]))
         for stage, fqn in target["at"]:
             overrides.setdefault(stage, {})[fqn] = tensor
     return overrides
+
+
+def _held(original: Callable[[str, str], torch.Tensor | None], places: list) -> torch.Tensor | None:
+    """The weight at the first of its places (stage, FQN) whose stage still reads it."""
+    return next((weight for stage, fqn in places if (weight := original(stage, fqn)) is not None), None)
 
 
 def read_table(data: bytes | memoryview) -> dict:

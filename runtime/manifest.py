@@ -18,7 +18,9 @@ from kiln.runtime.errors import PlanError
 
 FORMAT = "kiln-plan"
 # 2: sample stages carry latent_channels and no "advanced" flag; inputs mark the seeds.
-FORMAT_VERSION = 2
+# 3: member digests are BLAKE3; CPU ONNX stages are stored optimized (``optimized``, ``relayouts``)
+#    and read their weights from the plan file (``weights_offset``).
+FORMAT_VERSION = 3
 
 MANIFEST_MEMBER = "manifest.json"
 WEIGHTS_MEMBER = "weights.safetensors"
@@ -60,8 +62,12 @@ class StageSpec:
     inputs: dict[str, str]                  # stage-local name -> environment name
     outputs: dict[str, str]
     params: dict = field(default_factory=dict)
-    artifact: str | None = None             # member name of the .pt2
+    artifact: str | None = None             # member name of the .pt2 / .onnx
     constant_names: dict[str, str] = field(default_factory=dict)  # artifact FQN -> weights key
+    # ONNX: the graph was optimized for onnxruntime's CPU provider at compile time; ``relayouts``:
+    # initializer -> how it was made from an original weight (kiln.runtime.ort_layouts), for LoRAs.
+    optimized: bool = False
+    relayouts: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """``stage sample_3 (sample; nodes 3)`` for error messages."""
@@ -79,7 +85,10 @@ class Manifest:
     stages: list[StageSpec]
     folded: list[dict] = field(default_factory=list)
     dropped_models: list[str] = field(default_factory=list)
-    members: dict[str, str] = field(default_factory=dict)   # member name -> sha256 hex
+    members: dict[str, str] = field(default_factory=dict)   # member name -> BLAKE3 hex digest
+    # Where the weights member's data starts in the file, when optimized ONNX graphs address their
+    # initializers in the file itself (a re-packed zip moves it: refused).
+    weights_offset: int | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -136,6 +145,10 @@ def manifest_from_dict(raw: dict) -> Manifest:
             raise PlanError("invalid_plan", "the manifest lists a member outside the plan",
                             expected="member names inside the plan, such as stages/sample_3.pt2",
                             found=repr(name)[:80], hint="(the file was altered: recompile it with kiln compile)")
+    weights_offset = raw.get("weights_offset")
+    if weights_offset is not None and (type(weights_offset) is not int or weights_offset < 0):
+        raise PlanError("invalid_plan", "manifest field weights_offset is malformed", expected="a file offset",
+                        found=repr(weights_offset)[:60])
     for required in (WEIGHTS_MEMBER, CONSTANTS_MEMBER):
         if required not in members:
             raise PlanError("invalid_plan", f"manifest does not list member {required}")
@@ -150,7 +163,7 @@ def manifest_from_dict(raw: dict) -> Manifest:
     return Manifest(kiln_version=raw["kiln_version"], torch_version=raw["torch_version"], target=dict(target),
                     workflow=raw["workflow"], inputs=inputs, stages=stages,
                     folded=list(_field(raw, "folded", list)), dropped_models=list(_field(raw, "dropped_models", list)),
-                    members=dict(members), format=raw.get("format", FORMAT),
+                    members=dict(members), weights_offset=weights_offset, format=raw.get("format", FORMAT),
                     format_version=raw.get("format_version", FORMAT_VERSION))
 
 
@@ -179,7 +192,12 @@ def _stage_spec(item: Any, index: int) -> StageSpec:
                       inputs=dict(_field(item, "inputs", dict, where)),
                       outputs=dict(_field(item, "outputs", dict, where)),
                       params=dict(_field(item, "params", dict, where)),
-                      artifact=item.get("artifact"), constant_names=dict(item.get("constant_names") or {}))
+                      artifact=item.get("artifact"), constant_names=dict(item.get("constant_names") or {}),
+                      optimized=item.get("optimized") is True, relayouts=dict(item.get("relayouts") or {}))
+    unknown = set(stage.relayouts) - set(stage.constant_names)
+    if unknown:
+        raise PlanError("invalid_plan", f"manifest {where} ({stage.name}) re-lays weights it does not have",
+                        found=", ".join(sorted(unknown)[:4]))
     return stage
 
 

@@ -1,9 +1,13 @@
 """ONNX plan stages, run by onnxruntime.
 
-An ``.onnx`` artifact carries no weights of its own: each initializer is a by-name reference
-that the session gets from the plan's memory-mapped weights (``add_external_initializers``), so
-stages sharing a model share one stored copy, and stages sharing artifact and weights (both
-samplers of HiRes fix) one session. Execution providers are picked per plan:
+An ``.onnx`` artifact carries no weights of its own. A CPU plan's graphs were optimized when the
+plan was compiled (kiln.compiler.lower.ort_optimize): their initializers point at their bytes in
+the plan file, which onnxruntime maps itself (no copy; pages shared by every stage that stores the
+same tensor), and the session opens with graph optimizations off. Other graphs (GPU plans, a stage
+the compiler could not optimize, weights stored as fp16) name each initializer, and the session
+gets the tensors (``add_external_initializers``, which onnxruntime copies) and optimizes the graph
+as it opens. So do a LoRA's patched tensors, in place of the mapped ones. Stages sharing artifact
+and weights (both samplers of HiRes fix) share one session. Execution providers are picked per plan:
 TensorRT, then CUDA, for a CUDA plan where onnxruntime-gpu offers them (CPU otherwise, with a
 notice), CPU for a CPU plan; ``--provider`` forces one and fails clearly where it is missing.
 
@@ -13,7 +17,9 @@ device between steps and stages.
 """
 from __future__ import annotations
 
+import functools
 import sys
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -25,6 +31,13 @@ CPU = "CPUExecutionProvider"
 # Short names for --provider, in the order a CUDA plan prefers them.
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": CPU}
 _GPU_PROVIDERS = (PROVIDERS["tensorrt"], PROVIDERS["cuda"])
+
+# The file name an optimized graph's initializers are read from, written by the compiler in place
+# of the plan's name (which changes when the file is renamed) and replaced when the session opens:
+# always this long, so replacing it in the serialized graph changes no protobuf length.
+PLAN_FILE = "<kiln-plan-file>".ljust(320, "_")
+_PROBE = Path(__file__).with_name("nchwc_probe.onnx")   # Conv 16 -> 1 channel, 1x1 filter
+_PROBE_FILTER_BYTES = 16 * 4
 
 
 def onnxruntime():
@@ -61,6 +74,33 @@ def choose_providers(device: str, forced: str | None, available: list[str]) -> l
     return chosen + ([CPU] if chosen != [CPU] else [])
 
 
+def session_options(ort, *, optimized: bool):
+    """Session options for a graph optimized at compile time (``optimized``: nothing left to do)
+    or not (onnxruntime applies every optimization, layout ones included, as the session opens)."""
+    options = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_DISABLE_ALL if optimized else level.ORT_ENABLE_ALL
+    options.log_severity_level = 3   # errors only: optimizer notes are not the user's business
+    return options
+
+
+@functools.lru_cache(maxsize=None)
+def nchwc_block_size() -> int:
+    """Channels per NCHWc block of onnxruntime's CPU convolutions here (0: no NCHWc layout; 16
+    with AVX-512, 8 with AVX2): what a graph optimized on another machine must have been made for.
+    Read off onnxruntime itself: it pads a one-output-channel filter to a whole block."""
+    ort = onnxruntime()
+    with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
+        options = session_options(ort, optimized=False)
+        options.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "probe.bin")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "0")
+        ort.InferenceSession(_PROBE.read_bytes(), options, providers=[CPU])
+        data = Path(tmp) / "probe.bin"
+        size = data.stat().st_size if data.is_file() else 0
+    return size // _PROBE_FILTER_BYTES if size > _PROBE_FILTER_BYTES else 0
+
+
 def provider_device(providers: list[str], plan_device: str) -> torch.device:
     """Where the torch side keeps tensors: the plan's CUDA device when a GPU provider runs the
     graphs and torch can reach it, else the CPU (onnxruntime then copies at the graph's edge)."""
@@ -74,16 +114,21 @@ class OnnxStage:
     positionally, as the AOTInductor stages are called."""
 
     def __init__(self, model: bytes, weights: Mapping[str, torch.Tensor], providers: list[str],
-                 device: torch.device, label: str, cache: Path):
+                 device: torch.device, label: str, cache: Path, *, plan_file: Path | None = None,
+                 optimized: bool = False):
+        """``weights``: initializers given as tensors (all of them, or a LoRA's patched ones where
+        the graph reads the others from ``plan_file``); ``optimized``: the graph was optimized at
+        compile time."""
         ort = onnxruntime()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3   # errors only: optimizer notes are not the user's business
-        # Views of the plan's mapped weights, alive as long as the session. With ORT_ENABLE_ALL
-        # onnxruntime re-lays them out into buffers of its own (measured: zero-copy sharing with
-        # add_initializer works only with graph optimizations off, ~6x slower on the SD1.5 UNet).
+        options = session_options(ort, optimized=optimized)
+        if plan_file is not None:
+            model = model.replace(PLAN_FILE.encode(), _location(plan_file.name).encode())
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(plan_file.resolve().parent))
+        # Kept alive with the session, in case onnxruntime uses a tensor in place.
         self._weights = [ort.OrtValue.from_dlpack(t.contiguous()) for t in weights.values()]
-        options.add_external_initializers(list(weights), self._weights)
+        if weights:
+            options.add_external_initializers(list(weights), self._weights)
         self._device = device
         try:
             self._session = ort.InferenceSession(model, options, providers=_with_options(providers, device, cache))
@@ -119,3 +164,12 @@ def _with_options(providers: list[str], device: torch.device, cache: Path) -> li
     options = {"device_id": str(device.index or 0), "user_compute_stream": stream}
     tensorrt = {**options, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache / "tensorrt")}
     return [(p, tensorrt if p == PROVIDERS["tensorrt"] else options) if p in _GPU_PROVIDERS else p for p in providers]
+
+
+def _location(name: str) -> str:
+    """``name`` as a relative path exactly as long as ``PLAN_FILE`` ("./" repeated in front)."""
+    pad = len(PLAN_FILE.encode()) - len(name.encode())
+    if pad < 0 or pad == 1:
+        raise PlanError("invalid_plan", "the plan's file name is too long to open its graphs",
+                        expected=f"at most {len(PLAN_FILE)} bytes", found=f"{len(name.encode())} bytes")
+    return ("./" * (pad // 2) if pad % 2 == 0 else ".//" + "./" * ((pad - 3) // 2)) + name

@@ -1,11 +1,11 @@
 """Reading plan files: open, verify everything, then load.
 
 ``load_plan`` refuses a plan before running anything when the file is not a zip, is truncated,
-has the wrong format version, was built by another torch, targets a device this machine lacks,
-misses a member or has a member whose sha256 differs from the manifest, and says which.
-Weights and constants are memory-mapped straight out of the (uncompressed, aligned) zip.
-ONNX plans (``target.backend == "onnx"``) run with onnxruntime (kiln.runtime.ort); their
-artifacts do not depend on torch, so only AOTInductor plans must match the torch version.
+has the wrong format version, was built by another torch (AOTInductor) or onnxruntime (ONNX
+graphs optimized for its CPU provider), targets a device this machine lacks (a GPU, or a CPU
+whose NCHWc block differs), misses a member or has a member whose BLAKE3 digest differs from the
+manifest, and says which. Weights and constants are memory-mapped straight out of the
+(uncompressed, aligned) zip; optimized ONNX graphs have onnxruntime map theirs from the file.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from kiln.kernels.clip_bpe import ClipBpe
 from kiln.kernels.settings import Settings
-from kiln.runtime.artifacts import CompiledStage, cached_artifact, sha256_of
+from kiln.runtime.artifacts import CompiledStage, cached_artifact, digest_of
 from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds import KINDS
@@ -31,7 +31,8 @@ from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
 from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, FP16_WEIGHTS, MANIFEST_MEMBER, WEIGHTS_MEMBER,
                                    Manifest,
                                    parse_manifest)
-from kiln.runtime.ort import OnnxStage, choose_providers, onnxruntime, provider_device
+from kiln.runtime.ort import CPU, OnnxStage, choose_providers, nchwc_block_size, onnxruntime, provider_device
+from kiln.runtime.ort_layouts import originals, relaid, relayouts
 
 ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., file name length, extra length
@@ -94,15 +95,29 @@ class PlanReader:
                             expected="cpu or cuda", found=repr(m.target["device"]))
 
     def _check_onnx(self) -> None:
-        """onnxruntime present; a CUDA plan without a GPU here falls back to the CPU provider."""
-        onnxruntime()
+        """onnxruntime present; a CUDA plan without a GPU here falls back to the CPU provider;
+        graphs optimized at compile time need the onnxruntime and the CPU layout they were made for."""
+        ort = onnxruntime()
         device = self.manifest.target["device"]
         if device != "cpu" and not device.startswith("cuda"):
             raise PlanError("plan_device_unavailable", "the plan targets a device this runtime does not support",
                             expected="cpu or cuda", found=repr(device))
+        made_for = self.manifest.target.get("onnx_cpu")
+        if made_for is None:
+            return
+        recompile = "(recompile the plan on this machine with kiln compile --backend onnx)"
+        if made_for.get("onnxruntime") != ort.__version__:
+            raise PlanError("plan_version_mismatch", "the plan's graphs were optimized for another onnxruntime",
+                            expected=f"onnxruntime {made_for.get('onnxruntime')}",
+                            found=f"onnxruntime {ort.__version__}", hint=recompile)
+        if made_for.get("nchwc_block") != nchwc_block_size():
+            raise PlanError("plan_device_unavailable", "the plan's graphs were optimized for a CPU with another "
+                            "convolution layout (NCHWc block size)", expected=f"block {made_for.get('nchwc_block')}",
+                            found=f"block {nchwc_block_size()} on this CPU", hint=recompile)
 
     def verify_members(self) -> None:
-        """Every listed member present, stored, and matching its sha256; nothing unlisted."""
+        """Every listed member present, stored, and matching its BLAKE3 digest; nothing unlisted; the
+        weights where the graphs that read them from the file expect them."""
         listed = self.manifest.members
         missing = [name for name in listed if name not in self.entries]
         if missing:
@@ -117,14 +132,31 @@ class PlanReader:
             raise PlanError("invalid_plan", f"member{_s(compressed)} {', '.join(compressed)} "
                             f"{'is' if len(compressed) == 1 else 'are'} compressed; kiln plans store members "
                             "uncompressed", hint="(the file was re-zipped)")
-        bad = [(name, sha, sha256_of(self.member(name))) for name, sha in listed.items()]
+        bad = [(name, digest, self._digest(name)) for name, digest in listed.items()]
         bad = [item for item in bad if item[1] != item[2]]
         if bad:
             names = ", ".join(name for name, _, _ in bad)
             raise PlanError("plan_member_mismatch",
                             f"member{_s(bad)} {names} do{'es' if len(bad) == 1 else ''} not match the manifest's "
-                            "sha256 (damaged or modified)",
-                            expected=f"sha256 {bad[0][1][:16]}...", found=f"sha256 {bad[0][2][:16]}...")
+                            "digest (damaged or modified)",
+                            expected=f"BLAKE3 {bad[0][1][:16]}...", found=f"BLAKE3 {bad[0][2][:16]}...")
+        offset = self.manifest.weights_offset
+        if offset is not None and self.member_range(WEIGHTS_MEMBER)[0] != offset:
+            raise PlanError("invalid_plan", f"{WEIGHTS_MEMBER} is not where the plan's graphs read it (the file "
+                            "was re-packed)", expected=f"offset {offset}",
+                            found=f"offset {self.member_range(WEIGHTS_MEMBER)[0]}",
+                            hint="(copy the plan file as it is, or recompile it with kiln compile)")
+
+    def _digest(self, name: str) -> str:
+        """The member's digest; its pages are then dropped from this process (they stay in the page
+        cache): a mapping that reads them for real, onnxruntime's or the weights', maps them again,
+        and hashing must not count them twice in the process's memory."""
+        start, end = self.member_range(name)
+        digest = digest_of(self.member(name))
+        page = mmap.PAGESIZE
+        begin = start // page * page
+        self._map.madvise(mmap.MADV_DONTNEED, begin, min(len(self._map), -(-end // page) * page) - begin)
+        return digest
 
     def member_range(self, name: str) -> tuple[int, int]:
         """(start, end) byte offsets of a stored member's data in the file."""
@@ -234,6 +266,10 @@ class _StageLoader:
         self.reader, self.weights, self.device, self.providers, self.settings = (reader, weights, device,
                                                                                  providers, settings)
         self._table: dict | None = None   # lora.json, read when a LoRA is first applied (not at every load)
+        self.stages = {stage.name: stage for stage in reader.manifest.stages}
+        self.relayouts = {stage.name: relayouts(stage.relayouts) for stage in reader.manifest.stages}
+        self.holders = {stage.name: originals(stage.constant_names, self.relayouts[stage.name])
+                        for stage in reader.manifest.stages}
         self.unpatched: dict[tuple, CompiledStage | OnnxStage] = {}
         self.variants: OrderedDict[tuple, dict] = OrderedDict()
 
@@ -248,8 +284,7 @@ class _StageLoader:
         start = time.perf_counter()
         if loras and self._table is None and LORA_MEMBER in self.reader.entries:
             self._table = read_table(self.reader.member(LORA_MEMBER))
-        overrides = lora_overrides(self.weights, {s.name: s.constant_names for s in manifest.stages}, self._table,
-                                   loras)
+        overrides = lora_overrides(self.original, self._table, loras)
         patch_seconds = time.perf_counter() - start
         compiled, patched_loaded = {}, {}   # stages sharing an artifact and its weights share one loaded model
         artifacts = [stage for stage in manifest.stages if stage.artifact is not None]
@@ -260,13 +295,12 @@ class _StageLoader:
             if absent:
                 raise PlanError("invalid_plan", f"{stage.describe()} needs weights missing from {WEIGHTS_MEMBER}",
                                 found=", ".join(absent[:8]))
-            patched = overrides.get(stage.name, {})
+            patched = relaid(overrides.get(stage.name, {}), stage.constant_names, self.relayouts[stage.name])
             cache = patched_loaded if patched else self.unpatched
             stage_key = (stage.artifact, tuple(sorted(stage.constant_names.items())),
                          tuple(sorted((fqn, id(t)) for fqn, t in patched.items())))
             if stage_key not in cache:
-                cache[stage_key] = self._load_stage(stage, {fqn: patched.get(fqn, self.weights[k])
-                                                            for fqn, k in stage.constant_names.items()})
+                cache[stage_key] = self._load_stage(stage, patched)
             compiled[stage.name] = cache[stage_key]
         if progress is not None:
             progress("plan", len(artifacts), len(artifacts))
@@ -276,13 +310,28 @@ class _StageLoader:
                 self.variants.popitem(last=False)
         return compiled, patch_seconds
 
-    def _load_stage(self, stage, stage_weights: dict[str, torch.Tensor]) -> CompiledStage | OnnxStage:
+    def original(self, stage_name: str, fqn: str) -> torch.Tensor | None:
+        """Weight ``fqn`` of a stage in its original layout (what a LoRA patches), None when the
+        stage's graph no longer reads it."""
+        holder = self.holders[stage_name].get(fqn)
+        if holder is None:
+            return None
+        layouts = self.relayouts[stage_name]
+        stored = self.weights[self.stages[stage_name].constant_names[holder]]
+        return layouts[holder].original(stored) if holder in layouts else stored
+
+    def _load_stage(self, stage, patched: dict[str, torch.Tensor]) -> CompiledStage | OnnxStage:
+        """The stage's artifact over the plan's weights, ``patched`` (initializer -> tensor) in place
+        of some. An optimized ONNX graph of an fp32 plan reads the others from the plan file itself."""
         member = self.reader.member(stage.artifact)
+        weights = {fqn: patched.get(fqn, self.weights[key]) for fqn, key in stage.constant_names.items()}
         if self.reader.manifest.target["backend"] == "onnx":
-            return OnnxStage(bytes(member), stage_weights, self.providers, self.device, stage.describe(),
-                             self.settings.artifact_cache)
+            in_file = stage.optimized and self.reader.manifest.weights_offset is not None
+            return OnnxStage(bytes(member), patched if in_file else weights, self.providers, self.device,
+                             stage.describe(), self.settings.artifact_cache,
+                             plan_file=self.reader.path if in_file else None, optimized=stage.optimized)
         artifact = cached_artifact(member, self.reader.manifest.members[stage.artifact], self.settings.artifact_cache)
-        return CompiledStage(artifact, stage_weights, self.device, stage.describe())
+        return CompiledStage(artifact, weights, self.device, stage.describe())
 
 
 def _tokenizers(reader: PlanReader) -> dict[str, ClipBpe]:
@@ -302,7 +351,12 @@ def _tokenizers(reader: PlanReader) -> dict[str, ClipBpe]:
 def _providers(manifest: Manifest, forced: str | None) -> list[str]:
     """onnxruntime's execution providers for an ONNX plan; [] for an AOTInductor plan."""
     if manifest.target["backend"] == "onnx":
-        return choose_providers(manifest.target["device"], forced, onnxruntime().get_available_providers())
+        chosen = choose_providers(manifest.target["device"], forced, onnxruntime().get_available_providers())
+        if "onnx_cpu" in manifest.target and chosen[0] != CPU:
+            raise PlanError("invalid_input", f"--provider {forced}: this plan's graphs were optimized for "
+                            "onnxruntime's CPU provider", input_name="provider", expected="cpu",
+                            found=chosen[0], hint="(compile with --device cuda for a GPU provider)")
+        return chosen
     if forced is not None:
         raise PlanError("invalid_input", "--provider applies to ONNX plans only", input_name="provider",
                         expected="a plan compiled with --backend onnx", found=f"a {manifest.target['backend']} plan")

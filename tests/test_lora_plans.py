@@ -62,7 +62,7 @@ def test_load_time_lora_equals_the_compile_time_merge_weight_by_weight(build, mo
     spec = LoraSpec(models / "loras" / "style.safetensors", 0.8, 0.6)
     original = reader.tensors(WEIGHTS_MEMBER)
     unpatched = _by_fqn(reader, original)
-    overrides = lora_overrides(original, {s.name: s.constant_names for s in reader.manifest.stages}, table, [spec])
+    overrides = lora_overrides(lambda stage, fqn: unpatched[stage].get(fqn), table, [spec])
     patched = {s: {**w, **overrides.get(s, {})} for s, w in unpatched.items()}
     expected = _by_fqn(PlanReader(merged), PlanReader(merged).tensors(WEIGHTS_MEMBER))
     assert patched.keys() == expected.keys() and {s: w.keys() for s, w in patched.items()} == {

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -17,10 +19,12 @@ from PIL import Image
 from kiln.api import run_workflow
 from kiln.cli import main
 from kiln.compiler.lower.onnx_export import OPSET
+from kiln.compiler.lower.ort_optimize import bind_to_plan
 from kiln.runtime.errors import PlanError
 from kiln.runtime.executor import run_plan
 from kiln.runtime.manifest import CONSTANTS_MEMBER, WEIGHTS_MEMBER
-from kiln.runtime.ort import CPU, choose_providers
+from kiln.runtime.ort import CPU, PLAN_FILE, choose_providers, nchwc_block_size
+from kiln.runtime.ort_layouts import relayouts
 from kiln.runtime.plan import PlanReader, describe_plan, load_plan
 from kiln.runtime.writer import PlanWriter
 from plan_parity import (LONG_PROMPT, PARITY, assert_parity, check_runtime_prompt, compiled_files, measure,
@@ -98,22 +102,33 @@ def test_declared_sizes_run_without_reexport(t2i_plan, onnx_cache, tmp_path, mod
 
 
 # --- the plan file -----------------------------------------------------------------------------
-def test_onnx_artifacts_share_one_copy_of_the_weights(hires_plan):
+def test_onnx_graphs_are_stored_optimized_and_read_their_weights_from_the_plan_file(hires_plan):
+    """CPU graphs are stored as onnxruntime optimized them (NCHWc convolutions, folded weight
+    transposes) and address each tensor in the plan file itself: the bytes at the offset an
+    initializer names are the weights member's tensor. Both samplers share one artifact and the
+    graphs share one stored copy of every tensor."""
     reader = PlanReader(hires_plan)
     manifest = reader.manifest
-    assert manifest.target == {"device": "cpu", "dtype": "fp32", "backend": "onnx", "onnx_opset": OPSET}
+    assert manifest.target == {"device": "cpu", "dtype": "fp32", "backend": "onnx", "onnx_opset": OPSET,
+                               "onnx_cpu": {"onnxruntime": onnxruntime.__version__, "nchwc_block": nchwc_block_size()}}
     first, second = (s for s in manifest.stages if s.kind == "sample")
     assert first.artifact == second.artifact == "stages/sample_3.onnx"
     assert first.constant_names == second.constant_names
-    assert all(s.artifact.endswith(".onnx") for s in manifest.stages if s.artifact)
-    # The graphs hold no weights: every initializer names its tensor in the plan's one weights file.
     weights = reader.tensors(WEIGHTS_MEMBER)
+    data = hires_plan.read_bytes()
     for stage in (s for s in manifest.stages if s.artifact):
+        assert stage.optimized and stage.artifact.endswith(".onnx")
         graph = onnx.load_model_from_string(bytes(reader.member(stage.artifact))).graph
-        assert [t.name for t in graph.initializer] == list(stage.constant_names)
-        assert all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in graph.initializer)
-        assert all(weights[key].shape == tuple(t.dims) for t, key in zip(graph.initializer,
-                                                                          stage.constant_names.values()))
+        assert any(node.domain == "com.microsoft.nchwc" for node in graph.node)
+        external = {t.name: t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert set(external) == set(stage.constant_names)
+        for name, tensor in external.items():
+            place = {entry.key: entry.value for entry in tensor.external_data}
+            assert place["location"] == PLAN_FILE
+            start, length = int(place["offset"]), int(place["length"])
+            assert data[start:start + length] == weights[stage.constant_names[name]].numpy().tobytes()
+    layouts = {entry["layout"] for entry in first.relayouts.values()}
+    assert {"nchwc", "transpose"} <= layouts, layouts
     assert {key for s in manifest.stages for key in s.constant_names.values()} == set(weights)
 
 
@@ -155,6 +170,53 @@ def test_forcing_a_missing_provider_fails_clearly(t2i_plan, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+ONNX_REFUSALS = {
+    "onnxruntime_version": (
+        lambda plan, dst: _retarget(plan, dst, onnx_cpu={"onnxruntime": "1.0.0", "nchwc_block": nchwc_block_size()}),
+        "plan_version_mismatch: the plan's graphs were optimized for another onnxruntime (expected onnxruntime "
+        f"1.0.0; found onnxruntime {onnxruntime.__version__}) (recompile the plan on this machine with kiln "
+        "compile --backend onnx)"),
+    "nchwc_block": (
+        lambda plan, dst: _retarget(plan, dst, onnx_cpu={"onnxruntime": onnxruntime.__version__, "nchwc_block": 8}),
+        "plan_device_unavailable: the plan's graphs were optimized for a CPU with another convolution layout "
+        f"(NCHWc block size) (expected block 8; found block {nchwc_block_size()} on this CPU) (recompile the plan "
+        "on this machine with kiln compile --backend onnx)"),
+    "repacked": (
+        lambda plan, dst: _repacked(plan, dst),
+        "invalid_plan: weights.safetensors is not where the plan's graphs read it (the file was re-packed) "
+        "(expected offset "),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_REFUSALS))
+def test_optimized_graphs_refused_where_they_cannot_run(case, t2i_plan, tmp_path, capsys):
+    """A plan whose graphs were optimized for another onnxruntime or CPU layout, or whose zip was
+    re-packed (the graphs address their weights in the file): refused before any session opens."""
+    make, message = ONNX_REFUSALS[case]
+    bad = make(t2i_plan, tmp_path / "bad.plan")
+    with pytest.raises(PlanError) as info:
+        load_plan(bad)
+    assert info.value.format().startswith(message), info.value.format()
+    assert main(["run", str(bad), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: " + message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_optimized_plan_refuses_a_gpu_provider(t2i_plan, monkeypatch):
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    with pytest.raises(PlanError, match="--provider cuda: this plan's graphs were optimized for onnxruntime's CPU "
+                                        "provider .*compile with --device cuda"):
+        load_plan(t2i_plan, provider="cuda")
+
+
+def _repacked(plan, dst):
+    """The same members in a zip written by another tool (no alignment padding: the weights move)."""
+    with zipfile.ZipFile(plan) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    return dst
+
+
 def test_cuda_plan_without_gpu_provider_runs_on_cpu_with_a_notice(t2i_plan, tmp_path, capsys, models_dir,
                                                                   input_dir):
     cuda_plan = _retarget(t2i_plan, tmp_path / "cuda.plan", device="cuda")
@@ -174,9 +236,11 @@ def _retarget(source, dest, **target):
         if stage.artifact is not None:
             writer.add_artifact(stage.name, bytes(reader.member(stage.artifact)),
                                 {fqn: weights[key] for fqn, key in stage.constant_names.items()},
-                                constant_names=list(stage.constant_names))
+                                constant_names=list(stage.constant_names), relayouts=relayouts(stage.relayouts),
+                                bind=bind_to_plan)
     writer.add_constants(reader.tensors(CONSTANTS_MEMBER))
-    stages = [{k: v for k, v in vars(s).items() if k not in ("artifact", "constant_names")} for s in manifest.stages]
+    written = ("artifact", "constant_names", "optimized", "relayouts")
+    stages = [{k: v for k, v in vars(s).items() if k not in written} for s in manifest.stages]
     return writer.write({"target": {**manifest.target, **target}, "workflow": manifest.workflow,
                          "inputs": [vars(i) for i in manifest.inputs], "stages": stages,
                          "folded": manifest.folded, "dropped_models": manifest.dropped_models})

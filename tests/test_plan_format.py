@@ -14,6 +14,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_plan_layout_aligned_hashed_and_weights_stored_once(plan, artifacts):
         assert info.compress_type == zipfile.ZIP_STORED
         assert reader.member_range(name)[0] % MEMBER_ALIGNMENT == 0
         if name != "manifest.json":
-            assert hashlib.sha256(zipfile.ZipFile(plan).read(name)).hexdigest() == reader.manifest.members[name]
+            assert blake3.blake3(zipfile.ZipFile(plan).read(name)).hexdigest() == reader.manifest.members[name]
     stages = {s.name: s for s in reader.manifest.stages}
     # two sampler stages, one copy of the denoiser and its weights
     assert stages["sample_3"].constant_names == stages["sample_10"].constant_names
@@ -340,11 +341,11 @@ REFUSALS = {
                   "invalid_plan: {dst} is truncated or damaged: its zip directory cannot be read "
                   "(found File is not a zip file) (copy or download the plan again)"),
     "tampered": (_tampered,
-                 "plan_member_mismatch: member constants.safetensors does not match the manifest's sha256 "
-                 "(damaged or modified) (expected sha256 {sha}...; found sha256 "),
+                 "plan_member_mismatch: member constants.safetensors does not match the manifest's digest "
+                 "(damaged or modified) (expected BLAKE3 {sha}...; found BLAKE3 "),
     "format_version": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m.update(format_version=99)),
                        "plan_version_mismatch: plan format version 99 is not supported by this kiln "
-                       "(expected format version 2; found format version 99) (recompile the plan with this kiln)"),
+                       "(expected format version 3; found format version 99) (recompile the plan with this kiln)"),
     "torch_version": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m.update(torch_version="2.0.0")),
                       "plan_version_mismatch: the plan was compiled with another torch version (expected torch "
                       f"2.0.0; found torch {torch.__version__}) (recompile the plan with this torch)"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,15 +26,18 @@ from kiln.compiler.lora_targets import lora_table
 from kiln.compiler.lower.export import (ArgSpec, ShapeRangeError, aoti_compile, check_ranges, constant_tensors,
                                         dim_ranges, export_module)
 from kiln.compiler.lower.onnx_export import OPSET, initializer_names, onnx_compile
+from kiln.compiler.lower.ort_optimize import NotOptimized, OptimizedGraph, bind_to_plan, optimize_for_cpu
 from kiln.compiler.stages import Stage, StagedProgram
 from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.prompt_syntax import MAX_LENGTH
 from kiln.nodes.models.tokenizer import clip_merge_file
 from kiln.nodes.plan import NeedsStaticShapes
+from kiln.runtime.artifacts import cached_artifact, constant_fqns, digest_of
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.kinds.sample import BOUND_PREFIX, sdxl_y
 from kiln.runtime.lora import LORA_MEMBER
 from kiln.runtime.manifest import FP16_WEIGHTS, RuntimeInput
+from kiln.runtime.ort import nchwc_block_size, onnxruntime
 from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
 
@@ -51,30 +56,76 @@ TOKENS_PER_CHUNK = MAX_LENGTH
 
 def lower(program: StagedProgram, output: Path, cache: Path, progress: Progress | None = None) -> Path:
     """Export and compile every sample/module stage for the target's backend (AOTInductor, or
-    ONNX with the opset recorded in the target), then write the plan to ``output``; compiled
-    artifacts are cached under ``cache``."""
+    ONNX with the opset recorded in the target, CPU graphs then optimized for onnxruntime), then
+    write the plan to ``output``; compiled artifacts are cached under ``cache``."""
     walks = _Walks(program)
     onnx = program.target["backend"] == "onnx"
     target = {**program.target, "onnx_opset": OPSET} if onnx else dict(program.target)
-    writer = PlanWriter(output, backend=target["backend"], cache=cache,
-                        fp16_weights=target.get("weights") == FP16_WEIGHTS)
+    fp16_weights = target.get("weights") == FP16_WEIGHTS
     compiled = [s for s in program.stages if KINDS[s.kind].compiled]
-    stage_constants, taken = {}, {}
+    artifacts, stage_constants, taken = {}, {}, {}
     for index, stage in enumerate(compiled):
-        if progress is not None:
-            progress(stage.name, index, len(compiled))
+        _report(progress, stage.name, index, len(compiled))
         ep, labels = _export(stage, walks)
         taken[stage.name] = _taken_dims(stage, labels, ep)
         data, _ = compiled_artifact(ep, target, cache, onnx_compile if onnx else aoti_compile)
-        names = writer.add_artifact(stage.name, data, constant_tensors(ep), device=target["device"],
-                                    constant_names=initializer_names(data) if onnx else None)
+        names = set(initializer_names(data) if onnx else constant_fqns(cached_artifact(data, digest_of(data), cache),
+                                                                       target["device"]))
         stage_constants[stage.name] = {fqn: t for fqn, t in constant_tensors(ep).items() if fqn in names}
+        artifacts[stage.name] = data
         del ep
     table = lora_table(program.patchable, stage_constants)
+    writer = PlanWriter(output, backend=target["backend"], cache=cache, fp16_weights=fp16_weights)
     if table is not None:
         writer.add_file(LORA_MEMBER, json.dumps(table, sort_keys=True).encode())
+    with tempfile.TemporaryDirectory(prefix="kiln-ort-") as scratch:   # the optimized graphs' tensors live here
+        optimized, done = {}, {}
+        if onnx and target["device"] == "cpu":
+            block = nchwc_block_size()
+            for index, (name, data) in enumerate(artifacts.items()):
+                _report(progress, f"{name} onnxruntime", index, len(artifacts))
+                key = (data, tuple((fqn, t.data_ptr(), tuple(t.shape)) for fqn, t in stage_constants[name].items()),
+                       frozenset(_patchable(table, name)))
+                if key not in done:   # both samplers of HiRes fix: one optimized graph, one session
+                    done[key] = _optimized(name, data, stage_constants[name], key[2], block, Path(scratch) / name)
+                optimized[name] = done[key]
+            if any(optimized.values()):
+                target["onnx_cpu"] = {"onnxruntime": onnxruntime().__version__, "nchwc_block": block}
+        for name, data in artifacts.items():
+            graph = optimized.get(name)
+            if graph is None:
+                writer.add_artifact(name, data, stage_constants[name], constant_names=list(stage_constants[name]))
+            else:
+                writer.add_artifact(name, graph.model, graph.weights, constant_names=list(graph.weights),
+                                    relayouts=graph.relayouts, bind=None if fp16_weights else bind_to_plan)
+        _report(progress, "plan", len(compiled), len(compiled))
+        return _write(writer, program, target, walks, taken)
+
+
+def _report(progress: Progress | None, name: str, index: int, total: int) -> None:
     if progress is not None:
-        progress("plan", len(compiled), len(compiled))
+        progress(name, index, total)
+
+
+def _optimized(name: str, data: bytes, weights: dict, patchable: set[str], block: int,
+               scratch: Path) -> OptimizedGraph | None:
+    """The stage's graph optimized for onnxruntime's CPU provider, or None (with a notice) when a
+    weight a LoRA may patch cannot be followed through onnxruntime's optimizations."""
+    try:
+        return optimize_for_cpu(data, weights, patchable, block, scratch)
+    except NotOptimized as reason:
+        print(f"kiln: notice: stage {name} is stored unoptimized ({reason}); onnxruntime optimizes it each "
+              "time the plan loads", file=sys.stderr)
+        return None
+
+
+def _patchable(table: dict | None, stage_name: str) -> set[str]:
+    """The FQNs of a stage that a LoRA applied at load may patch (lora.json's places)."""
+    return {fqn for group in (table or {}).get("groups", []) for target in group["targets"].values()
+            for stage, fqn in target["at"] if stage == stage_name}
+
+
+def _write(writer: PlanWriter, program: StagedProgram, target: dict, walks: "_Walks", taken: dict) -> Path:
     writer.add_constants(program.constants)
     if any(s.kind == "tokenize" for s in program.stages):
         writer.add_file(VOCABULARY_MEMBER, clip_merge_file())

@@ -39,7 +39,7 @@ def onnx_compile(ep: ExportedProgram) -> bytes:
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
     for index, tensor in enumerate(model.graph.initializer):
-        model.graph.initializer[index].CopyFrom(_weight_reference(tensor))
+        model.graph.initializer[index].CopyFrom(weight_reference(tensor))
     for node in model.graph.node:
         del node.metadata_props[:]
     return model.SerializeToString()
@@ -50,7 +50,7 @@ def initializer_names(data: bytes) -> list[str]:
     return [tensor.name for tensor in onnx.load_model_from_string(data).graph.initializer]
 
 
-def _weight_reference(tensor: onnx.TensorProto) -> onnx.TensorProto:
+def weight_reference(tensor: onnx.TensorProto) -> onnx.TensorProto:
     """An initializer with no data of its own: onnxruntime gets it by name from the plan."""
     ref = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
                            data_location=onnx.TensorProto.EXTERNAL)
