@@ -47,6 +47,9 @@ Progress = Callable[[str, int, int], None]
 BATCH_RANGE = (1, 64)
 LATENT_RANGE = (1, 1024)
 PIXEL_RANGE = (1, 8192)
+# The denoiser's example latent side when its size is dynamic: the UNet halves it at each level,
+# and a level traced at 1x1 lets the compiler assume strides that differ at other sizes.
+EXAMPLE_LATENT_SIDE = 16
 # A runtime prompt: 77-token chunks (ComfyUI concatenates them on the token axis); the denoiser
 # takes both prompts repeated to the common multiple of their lengths, so it takes more.
 CHUNK_RANGE = (1, 32)
@@ -291,7 +294,8 @@ def _stage_args(stage: Stage, walks: _Walks, opportunistic: bool) -> tuple[list[
         tensors = [ArgSpec(env[stage.inputs[name]], {}, {}) for name in stage.module.inputs[3:]]
         return [x, sigma, cfg_arg, *tensors], list(stage.module.inputs)
     x_free = {0: BATCH_RANGE, 2: LATENT_RANGE, 3: LATENT_RANGE}
-    shape = [max(2, latent.shape[0]) if opportunistic else latent.shape[0], *latent.shape[1:]]
+    shape = ([max(2, latent.shape[0]), latent.shape[1], *(max(EXAMPLE_LATENT_SIDE, n) for n in latent.shape[2:])]
+             if opportunistic else list(latent.shape))
     x = _arg(torch.zeros(shape, dtype=torch.float32, device=latent.device), x_free, x_required, opportunistic)
     sigma = ArgSpec(torch.linspace(1.0, 2.0, shape[0], device=latent.device),
                     {0: x.dynamic[0]} if 0 in x.dynamic else {}, {0: x_required[0]} if 0 in x_required else {})
