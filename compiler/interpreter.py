@@ -61,7 +61,7 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
         targets = [node_id for node_id, d in defs.items() if d is not None and d.output_node]
     order = graph.topological_order(targets)
     keep = set(targets) | (keep or set())
-    remaining_uses = Counter(link.node_id for node_id in order for _, link in graph.nodes[node_id].links())
+    remaining_uses = Counter((link.node_id, link.slot) for node_id in order for _, link in graph.nodes[node_id].links())
     values: dict[str, tuple] = {}
     result = RunResult()
     events = events or RunEvents()
@@ -113,8 +113,14 @@ def run_graph(graph: Graph, ctx: RunContext, *, targets: list[str] | None = None
 
 
 def _release(graph: Graph, node, remaining_uses: Counter, values: dict, keep: set[str]) -> None:
-    """Free each input's value after its last consumer ran."""
+    """Free each output after its last consumer ran: a slot no later node reads (a checkpoint's
+    CLIP once the prompts are encoded) as soon as that happens, the node's outputs with their last."""
     for _, link in node.links():
-        remaining_uses[link.node_id] -= 1
-        if remaining_uses[link.node_id] == 0 and link.node_id not in keep:
+        remaining_uses[link.node_id, link.slot] -= 1
+        if remaining_uses[link.node_id, link.slot] or link.node_id in keep or link.node_id not in values:
+            continue
+        if any(remaining_uses[link.node_id, slot] for slot in range(len(values[link.node_id]))):
+            values[link.node_id] = tuple(None if slot == link.slot else value   # a new tuple: a cache may
+                                         for slot, value in enumerate(values[link.node_id]))  # hold the old
+        else:
             del values[link.node_id]

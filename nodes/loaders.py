@@ -1,15 +1,39 @@
 """Model loader nodes: checkpoints, standalone VAEs and LoRAs, read from the files themselves."""
 from __future__ import annotations
 
+import weakref
+
 from kiln.kernels.errors import InputError
 from kiln.nodes.registry import COMBO, FLOAT, SOCKET, PlanSpec, RunContext, node
 
 
 def load_once(ctx: RunContext, key: tuple, load):
-    """Load each model file once per run (two loaders of one file share the modules)."""
-    if key not in ctx.cache:
-        ctx.cache[key] = load()
-    return ctx.cache[key]
+    """Load each model file once per run (two loaders of one file share the modules) without
+    keeping the models alive: one no node reads any more (a checkpoint's CLIP once the prompts
+    are encoded) is freed, as the interpreter drops each output after its last reader."""
+    held = ctx.cache.get(key)
+    value = held() if held is not None else None
+    if value is None:
+        value = load()
+        ctx.cache[key] = (lambda: value) if ctx.keep_models else _held_weakly(value)
+    return value
+
+
+def _held_weakly(value):
+    """A callable giving ``value`` (a model or a tuple of them) back while all of it is alive, else
+    None; a value that takes no weak reference (a LoRA's tensors) is held for the run."""
+    single = not isinstance(value, tuple)
+    try:
+        refs = [None if item is None else weakref.ref(item) for item in ((value,) if single else value)]
+    except TypeError:
+        return lambda: value
+
+    def get():   # holds the weak references only
+        alive = tuple(None if ref is None else ref() for ref in refs)
+        if any(ref is not None and item is None for ref, item in zip(refs, alive)):
+            return None
+        return alive[0] if single else alive
+    return get
 
 
 @node("CheckpointLoaderSimple", [COMBO("ckpt_name", (), folder="checkpoints")],

@@ -237,6 +237,9 @@ class RunContext:
     # preview(denoised sampler-space latent, its LatentFormat) after each sampler step, when wanted
     preview: Callable[[Any, Any], None] | None = None
     cache: dict = field(default_factory=dict)   # loaded models, keyed by path and options
+    # Hold every loaded model as long as the context lives (a caller that runs graphs again with it,
+    # a benchmark's warm runs); by default a model is freed once no node of the run reads it.
+    keep_models: bool = False
     settings: Settings = field(default_factory=Settings)
 
     @property

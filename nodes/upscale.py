@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kiln.nodes.loaders import load_once
 from kiln.nodes.models.upscale_model import OVERLAP, TILE, load_upscale_model, tiled_scale, upscale_image
 from kiln.nodes.plan import NeedsStaticShapes, NodeModule, is_static, plan_problem
 from kiln.nodes.registry import COMBO, SOCKET, PlanSpec, RunContext, node
@@ -64,10 +65,8 @@ class UpscaleWithModelModule(NodeModule):
       display_name="Load Upscale Model", python_module="comfy_extras.nodes_upscale_model")
 def upscale_model_loader(ctx: RunContext, model_name: str):
     path = ctx.models.resolve("upscale_models", model_name)
-    key = ("upscale_model", str(path), str(ctx.device))
-    if key not in ctx.cache:
-        ctx.cache[key] = load_upscale_model(path, device=ctx.device)
-    return (ctx.cache[key],)
+    return (load_once(ctx, ("upscale_model", str(path), str(ctx.device)),
+                      lambda: load_upscale_model(path, device=ctx.device)),)
 
 
 @node("ImageUpscaleWithModel", [SOCKET("upscale_model", "UPSCALE_MODEL"), SOCKET("image", "IMAGE")],

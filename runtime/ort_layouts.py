@@ -2,11 +2,12 @@
 
 A CPU ONNX stage is stored already optimized (kiln.compiler.lower.ort_optimize): onnxruntime
 folds a transpose into a linear layer's weight, reshapes norm scales for broadcasting, pads a
-bias and re-lays convolution filters into MLAS's NCHWc blocks. The plan stores those re-laid
+bias, re-lays convolution filters into MLAS's NCHWc blocks and folds the cast of a weight kept in
+fp16 (a text encoder's) to the fp32 it computes in. The plan stores those re-laid
 tensors only, so a LoRA, which patches a weight in its original layout, takes the weight back
 (``Relayout.original``) and lays the patched weight out again (``Relayout.apply``). Every layout
-is a permutation with zero padding: the patched values are the ones the optimizer would have
-produced from the patched weight, bit for bit (the compiler checks ``apply`` against what
+is a permutation with zero padding, after an exact widening cast: the patched values are the ones
+the optimizer would have produced from the patched weight, bit for bit (the compiler checks ``apply`` against what
 onnxruntime produced for every tensor it records).
 """
 from __future__ import annotations
@@ -30,15 +31,20 @@ class Relayout:
     shape: tuple[int, ...]
     stored: tuple[int, ...]
     block: int = 0              # NCHWc block size (channels per block), for the nchwc layouts
+    cast: tuple[str, str] = ()  # (the original's dtype, the stored one) when the graph widened it
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}")
+        if self.cast and not all(isinstance(getattr(torch, name, None), torch.dtype) for name in self.cast):
+            raise ValueError(f"unknown dtypes {self.cast!r}")
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored tensor made from ``weight`` (the original layout)."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"{self.source}: expected shape {list(self.shape)}, found {list(weight.shape)}")
+        if self.cast:
+            weight = weight.to(getattr(torch, self.cast[1]))
         if self.layout == "reshape":
             out = weight.reshape(-1)
         elif self.layout == "transpose":
@@ -53,21 +59,24 @@ class Relayout:
         """The original-layout weight ``stored`` was made from (``apply``'s inverse)."""
         flat = stored.reshape(-1)
         if self.layout == "reshape":
-            return flat.reshape(self.shape).clone()
-        if self.layout == "transpose":
-            return flat.reshape(self.shape[::-1]).t().contiguous()
-        if self.layout == "pad":
-            return flat[:math.prod(self.shape)].reshape(self.shape).clone()
-        return _filter_unblocked(flat, self.shape, self.block, self.layout == "nchwc")
+            weight = flat.reshape(self.shape).clone()
+        elif self.layout == "transpose":
+            weight = flat.reshape(self.shape[::-1]).t().contiguous()
+        elif self.layout == "pad":
+            weight = flat[:math.prod(self.shape)].reshape(self.shape).clone()
+        else:
+            weight = _filter_unblocked(flat, self.shape, self.block, self.layout == "nchwc")
+        return weight.to(getattr(torch, self.cast[0])) if self.cast else weight
 
     def to_json(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in asdict(self).items() if not (key == "block" and not value)}
+                for key, value in asdict(self).items() if value or key not in ("block", "cast")}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "Relayout":
         return cls(source=str(data["source"]), layout=str(data["layout"]), shape=tuple(int(d) for d in data["shape"]),
-                   stored=tuple(int(d) for d in data["stored"]), block=int(data.get("block", 0)))
+                   stored=tuple(int(d) for d in data["stored"]), block=int(data.get("block", 0)),
+                   cast=tuple(str(d) for d in data.get("cast", ())))
 
 
 def _zero_padded(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ manifest, and says which. Weights and constants are memory-mapped straight out o
 """
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 import time
@@ -33,15 +32,10 @@ from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, FP16_WEI
                                    parse_manifest)
 from kiln.runtime.ort import CPU, OnnxStage, choose_providers, nchwc_block_size, onnxruntime, provider_device
 from kiln.runtime.ort_layouts import originals, relaid, relayouts
+from kiln.runtime.tensor_files import mapped_tensors
 
 ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., file name length, extra length
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class PlanReader:
@@ -178,23 +172,9 @@ class PlanReader:
         """A safetensors member as CPU tensors viewing the mapped file (no copy)."""
         start, end = self.member_range(name)
         try:
-            (header_len,) = struct.unpack_from("<Q", self._map, start)
-            header = json.loads(bytes(self._map[start + 8:start + 8 + header_len]))
-            header.pop("__metadata__", None)
-            base = start + 8 + header_len
-            out = {}
-            for key, entry in header.items():
-                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-                begin, stop = entry["data_offsets"]
-                count = (stop - begin) // dtype.itemsize
-                if base + stop > end:
-                    raise ValueError(f"tensor {key} runs past the member")
-                flat = (torch.frombuffer(self._map, dtype=dtype, count=count, offset=base + begin) if count
-                        else torch.empty(0, dtype=dtype))
-                out[key] = flat.reshape(entry["shape"])
-        except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            return mapped_tensors(self._map, start, end)
+        except ValueError as exc:
             raise PlanError("invalid_plan", f"member {name} is not a readable safetensors file ({exc})") from None
-        return out
 
 
 @dataclass

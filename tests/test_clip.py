@@ -23,7 +23,7 @@ def sds():
 
 @pytest.fixture(scope="module")
 def clips(sds):
-    return {arch: build_clip(sd, arch) for arch, sd in sds.items()}
+    return {arch: build_clip(dict(sd), arch) for arch, sd in sds.items()}   # build_clip takes the tensors out
 
 
 def reference_encode(sd, prefix, layout, ids, stop=None):
@@ -134,9 +134,9 @@ def test_tokens_per_encoder(clips):
 
 def test_weights_rounded_through_fp16(sds):
     sd = sds["sd1"]
-    ref = build_clip(sd, "sd1").encode(PROMPT)
+    ref = build_clip(dict(sd), "sd1").encode(PROMPT)
     from_fp16 = build_clip({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, "sd1").encode(PROMPT)
-    exact = build_clip(sd, "sd1", storage_dtype=None).encode(PROMPT)
+    exact = build_clip(dict(sd), "sd1", storage_dtype=None).encode(PROMPT)
     assert torch.equal(ref, from_fp16)
     assert (ref - exact).abs().max() > 1e-5
 
@@ -191,7 +191,7 @@ def test_long_prompt_concatenates_chunks(clips):
 def test_embedding_in_prompt(tmp_path, sds):
     vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
     safetensors.torch.save_file({"emb_params": vec}, str(tmp_path / "tiny.safetensors"))
-    clip = build_clip(sds["sd1"], "sd1", embedding_dirs=[str(tmp_path)])
+    clip = build_clip(dict(sds["sd1"]), "sd1", embedding_dirs=[str(tmp_path)])
     cond = clip.encode("a embedding:tiny cat")
     table = sds["sd1"]["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
     sd = dict(sds["sd1"])  # same model, the vector appended to the vocabulary as ComfyUI does
@@ -229,7 +229,7 @@ def test_missing_encoder_is_reported(sds):
 
 def test_full_size_clip_l_matches_reference():
     sd = clip_state_dict("sd1", "full")
-    clip = build_clip(sd, "sd1")
+    clip = build_clip(dict(sd), "sd1")
     assert clip.encoders["l"].model.config.num_attention_heads == 12
     text = "a photo of an astronaut riding a horse, " * 3
     ids = _ids(clip, text, "l")

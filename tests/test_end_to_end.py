@@ -66,6 +66,36 @@ def test_inpainting_keeps_the_unmasked_latent(models_dir, input_dir, tmp_path):
     assert not torch.allclose(sampled["samples"][..., ~keep], encoded["samples"][..., ~keep])
 
 
+def test_a_model_no_later_node_reads_is_freed(models_dir, tmp_path, monkeypatch):
+    """The checkpoint's CLIP is gone once the prompts are encoded (the interpreter drops an output
+    slot after its last reader, and the run's model cache keeps nothing alive); its UNet and VAE
+    stay until their own last readers."""
+    import gc
+    import weakref
+
+    import kiln.nodes.models.checkpoint as checkpoint
+    from kiln.compiler.interpreter import RunEvents
+
+    real, refs, alive = checkpoint.load_checkpoint, {}, {}
+
+    def load(*args, **kwargs):
+        out = real(*args, **kwargs)
+        refs.update(zip(("model", "clip", "vae"), map(weakref.ref, out)))
+        return out
+
+    class Watch(RunEvents):
+        def executing(self, node_id):
+            if node_id == "3":   # the KSampler, after both CLIPTextEncodes
+                gc.collect()
+                alive.update({name: ref() is not None for name, ref in refs.items()})
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
+    folders = ModelFolders.from_models_dir(models_dir)
+    run_graph(validate(parse_workflow(txt2img()), folders, None),
+              RunContext(models=folders, output_dir=str(tmp_path)), events=Watch())
+    assert alive == {"model": True, "clip": False, "vae": True}
+
+
 def test_hires_fix(models_dir, tmp_path):
     wf = variant(hires_fix(), "5", width=64, height=64)
     images, result = run(wf, models_dir, tmp_path)

@@ -377,6 +377,21 @@ def test_reduced_precision_and_dtype_outputs(files):
     assert out.dtype == torch.float32 and out.isfinite().all()
 
 
+def test_each_weight_is_held_once(files, monkeypatch):
+    """The builders take each tensor out of the file's dict as they convert it (the fp16 file and the
+    fp32 UNet never sit side by side), and the text encoders keep the fp16 weights themselves
+    (ComfyUI's storage; cast to fp32 as each layer runs)."""
+    import kiln.nodes.models.checkpoint as checkpoint
+
+    read = {}
+    monkeypatch.setattr(checkpoint, "load_state_dict", lambda path: read.setdefault("sd", load_state_dict(path)))
+    model, clip, vae = load_checkpoint(files["sdxl"])
+    assert read["sd"] == {}
+    assert {p.dtype for p in model.unet.parameters()} == {torch.float32} and vae.dtype == torch.float32
+    for encoder in clip.encoders.values():
+        assert {p.dtype for p in encoder.parameters()} == {torch.float16}
+
+
 def test_loading_never_touches_the_network(files, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("network access during model loading")

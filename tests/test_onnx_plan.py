@@ -247,7 +247,13 @@ def _retarget(source, dest, **target):
 
 
 def test_runtime_prompt(compile_onnx, tmp_path, models_dir, input_dir):
-    check_runtime_prompt(txt2img(), compile_onnx("text", txt2img(), ["6.text"]), tmp_path, models_dir, input_dir)
+    plan = compile_onnx("text", txt2img(), ["6.text"])
+    check_runtime_prompt(txt2img(), plan, tmp_path, models_dir, input_dir)
+    assert _all_optimized(plan)   # the text encoder's fp16 weights, cast and re-laid, are followed too
+
+
+def _all_optimized(plan) -> bool:
+    return all(s.optimized for s in PlanReader(plan).manifest.stages if s.artifact is not None)
 
 
 @pytest.mark.parametrize("workflow", [txt2img("tiny-sd2-v.safetensors"), clip_skip(txt2img())],
@@ -263,7 +269,9 @@ def test_sdxl_runtime_prompt_and_size(compile_onnx, tmp_path, models_dir, input_
     """SDXL: both text encoders run at run time and ``y`` follows the prompt's pooled output and the
     latent's runtime size."""
     workflow = txt2img("tiny-sdxl.safetensors")
-    plan = load_plan(compile_onnx("sdxl-text", workflow, ["6.text", "5.width=64..96"]))
+    path = compile_onnx("sdxl-text", workflow, ["6.text", "5.width=64..96"])
+    assert _all_optimized(path)
+    plan = load_plan(path)
     for index, values in enumerate(({}, {"6.text": LONG_PROMPT, "5.width": 96, "3.seed": 2})):
         assert_parity(workflow, plan, tmp_path / str(index), models_dir, input_dir, values)
 

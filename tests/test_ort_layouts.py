@@ -57,6 +57,31 @@ def test_a_patched_weight_relaid_is_what_onnxruntime_makes_of_it(tmp_path):
     assert not np.array_equal(_run(optimized.model, optimized.weights, optimized=True), expected)
 
 
+def test_a_weight_kept_in_fp16_is_relaid_with_its_cast(tmp_path):
+    """A text encoder's fp16 weight cast to fp32 and transposed for a MatMul (what kiln's cast-on-use
+    layers export): folded by onnxruntime into one fp32 tensor, re-laid by kiln from a patched fp16
+    weight to the same numbers."""
+    io = helper.make_tensor_value_info
+    nodes = [helper.make_node("Cast", ["proj.weight"], ["w32"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["w32"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    weight = _reference("proj.weight", [5, 3])
+    weight.data_type = TensorProto.FLOAT16
+    graph = helper.make_graph(nodes, "g", [io("x", TensorProto.FLOAT, [2, 3])], [io("y", TensorProto.FLOAT, [2, 5])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
+    weights = {"proj.weight": torch.randn(5, 3).half()}
+    optimized = optimize_for_cpu(model, weights, {"proj.weight"}, BLOCK, tmp_path / "a")
+    (layout,) = optimized.relayouts.values()
+    assert (layout.layout, layout.cast) == ("transpose", ("float16", "float32"))
+    patched = {"proj.weight": (weights["proj.weight"].float() * 1.5).half()}
+    x = torch.randn(2, 3)
+    session = _session(optimized.model, relaid(patched, optimized.weights, optimized.relayouts))
+    reference = _session(model, patched, optimized=False)
+    assert np.array_equal(session.run(None, {"x": x.numpy()})[0], reference.run(None, {"x": x.numpy()})[0])
+    assert torch.equal(layout.original(optimized.weights[next(iter(optimized.relayouts))]), weights["proj.weight"])
+
+
 def test_a_graph_bound_to_the_plan_reads_its_tensors_at_the_offsets_given(tmp_path):
     model, weights = _small_model()
     optimized = optimize_for_cpu(model, weights, set(), BLOCK, tmp_path / "a")
@@ -86,8 +111,9 @@ def test_a_weight_folded_into_other_numbers_is_not_optimized(tmp_path):
     w = helper.make_tensor_value_info
     nodes = [helper.make_node("Mul", ["scale.weight", "two"], ["scaled"]),
              helper.make_node("MatMul", ["x", "scaled"], ["y"])]
+    constants = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), _reference("scale.weight", [4, 4])]
     graph = helper.make_graph(nodes, "g", [w("x", TensorProto.FLOAT, [2, 4])], [w("y", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), _reference("scale.weight", [4, 4])])
+                              constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     weights = {"scale.weight": torch.randn(4, 4)}
     with pytest.raises(NotOptimized, match="scale.weight"):
@@ -114,8 +140,8 @@ def _reference(name: str, dims) -> TensorProto:
 
 
 def _small_model() -> tuple[bytes, dict[str, torch.Tensor]]:
-    """conv 3->32 (input channels unblocked), a norm-like scale after its activation, conv 32->32 3x3, conv 32->4 (padded
-    output), a linear layer on the flattened channels (MatMul with a transposed weight)."""
+    """conv 3->32 (input channels unblocked), a norm-like scale after its activation, conv 32->32 3x3,
+    conv 32->4 (padded output), a linear layer on the flattened channels (MatMul with a transposed weight)."""
     generator = torch.Generator().manual_seed(0)
     shapes = {"conv1.weight": [32, 3, 3, 3], "conv1.bias": [32], "norm.weight": [32], "conv2.weight": [32, 32, 3, 3],
               "conv2.bias": [32], "conv3.weight": [4, 32, 1, 1], "conv3.bias": [4], "linear.weight": [6, 4]}
@@ -139,10 +165,14 @@ def _small_model() -> tuple[bytes, dict[str, torch.Tensor]]:
     return model.SerializeToString(), weights
 
 
-def _run(model: bytes, weights: dict[str, torch.Tensor], *, optimized: bool, x: torch.Tensor | None = None):
+def _session(model: bytes, weights: dict[str, torch.Tensor], *, optimized: bool = True):
     options = session_options(onnxruntime, optimized=optimized)
     values = [onnxruntime.OrtValue.from_dlpack(t.contiguous()) for t in weights.values()]
     options.add_external_initializers(list(weights), values)
-    session = onnxruntime.InferenceSession(model, options, providers=[CPU])
+    return onnxruntime.InferenceSession(model, options, providers=[CPU])
+
+
+def _run(model: bytes, weights: dict[str, torch.Tensor], *, optimized: bool, x: torch.Tensor | None = None):
+    session = _session(model, weights, optimized=optimized)
     x = torch.linspace(-1, 1, 108).reshape(1, 3, 6, 6) if x is None else x
     return session.run(None, {"x": x.numpy()})[0]

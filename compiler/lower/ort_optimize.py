@@ -34,8 +34,11 @@ from kiln.compiler.lower.onnx_export import weight_reference
 from kiln.runtime.ort import CPU, PLAN_FILE, onnxruntime, session_options
 from kiln.runtime.ort_layouts import Relayout
 
-# Ops a folded weight may pass through and still be the same numbers in another layout.
-_MOVEMENT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
+# Ops a folded weight may pass through and still be the same numbers in another layout (a Cast
+# only when it widens: fp16 text-encoder weights cast to fp32).
+_MOVEMENT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Cast"}
+_WIDER = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+          (torch.float16, torch.float64), (torch.bfloat16, torch.float64)}
 _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
            onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64,
            onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
@@ -224,7 +227,11 @@ class _Sources:
 
     def _relayout(self, source: str, layout: str, value: torch.Tensor) -> Relayout:
         block = self.block if layout.startswith("nchwc") else 0
-        return Relayout(source, layout, tuple(self.weights[source].shape), tuple(value.shape), block)
+        dtypes = (self.weights[source].dtype, value.dtype)
+        if dtypes[0] != dtypes[1] and dtypes not in _WIDER:
+            raise ValueError(f"{source}: a {dtypes[0]} weight stored as {dtypes[1]} loses precision")
+        cast = tuple(str(d).removeprefix("torch.") for d in dtypes) if dtypes[0] != dtypes[1] else ()
+        return Relayout(source, layout, tuple(self.weights[source].shape), tuple(value.shape), block, cast)
 
     def _content_matches(self, value: torch.Tensor) -> list[Relayout]:
         """Weights ``value`` is a re-layout of (same numbers, any order, zero padding allowed)."""

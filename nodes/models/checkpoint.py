@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import safetensors.torch
 import torch
 
 from kiln.nodes.models.detect import SD2_CLIP_PREFIXES, VAE_PREFIX, ModelFileError, detect_model
 from kiln.nodes.models.unet import DiffusionModel, build_diffusion_model
 from kiln.nodes.models.vae import Vae, build_vae
 from kiln.nodes.values import ClipHandle
+from kiln.runtime.tensor_files import read_tensors
 
 __all__ = ["ModelFileError", "load_state_dict", "read_torch_file", "load_checkpoint", "load_vae"]
 
@@ -70,9 +70,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelFileError("expected a model file, found nothing at this path", path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            sd = safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError, OSError, header JSON errors
+        try:   # each tensor in memory of its own: the builders free each once converted
+            sd = read_tensors(path)
+        except (ValueError, OSError) as e:
             raise ModelFileError(f"expected a safetensors file, found unreadable data ({_first_line(e)})",
                                  path) from None
     elif suffix in TORCH_SUFFIXES:
@@ -95,7 +95,8 @@ def _build_clip(sd: dict[str, torch.Tensor], arch: str, device, embedding_dirs: 
 
     if arch == "sd2":  # SD2 saved in the sgm layout: same OpenCLIP keys under another prefix
         legacy, sgm = SD2_CLIP_PREFIXES
-        sd = {(legacy + k[len(sgm):] if k.startswith(sgm) else k): v for k, v in sd.items()}
+        for key in [k for k in sd if k.startswith(sgm)]:
+            sd[legacy + key[len(sgm):]] = sd.pop(key)
     try:
         return build_clip(sd, arch, device=device, embedding_dirs=embedding_dirs)
     except ValueError as e:
@@ -110,6 +111,8 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype = torc
     CLIP / VAE are None when the file carries no text encoder / VAE weights (ComfyUI warns and
     leaves them out too).  The UNet runs in ``dtype`` (ComfyUI: fp32 on CPU); the VAE in
     ``vae_dtype``; the text encoder keeps ``build_clip``'s defaults (fp16 storage, fp32 compute).
+    Each builder takes its tensors out of the file's dict as it converts them, so each weight is
+    held once: SDXL's fp16 file and its fp32 UNet never sit in memory side by side.
     """
     path = Path(path)
     sd = load_state_dict(path)
@@ -117,8 +120,8 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype = torc
         info = detect_model(sd)
         model = build_diffusion_model(sd, info, device=device, dtype=dtype)
         clip = _build_clip(sd, info.arch, device, embedding_dirs) if info.has_text_encoder else None
-        has_vae = any(k.startswith(VAE_PREFIX) for k in sd)
-        vae = build_vae(sd, device=device, dtype=vae_dtype) if has_vae else None
+        vae_part = {k: sd.pop(k) for k in list(sd) if k.startswith(VAE_PREFIX)}
+        vae = build_vae(vae_part, device=device, dtype=vae_dtype) if vae_part else None
     return model, clip, vae
 
 

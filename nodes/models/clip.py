@@ -30,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from kiln.kernels.prompt_syntax import apply_weight
 from kiln.kernels.lora import Adapter
 from kiln.nodes.models.lora_keys import clip_lora_keys
+from kiln.nodes.models.manual_cast import cast_on_use
 from kiln.nodes.models.patching import PatchedWeights
 from kiln.nodes.models.prompt_weights import Chunk, ChunkSpec, tokenize_with_weights
 from kiln.nodes.models.tokenizer import BOS_TOKEN, EOS_TOKEN
@@ -159,7 +160,8 @@ class ClipTextEncoder(nn.Module):
             extra = nn.functional.embedding((input_ids - vocab).clamp(min=0), extra_embeds.to(known.dtype))
             x = torch.where((input_ids >= vocab).unsqueeze(-1), extra, known)
         seq = input_ids.shape[1]
-        x = x + tm.embeddings.position_embedding.weight[:seq]
+        positions = tm.embeddings.position_embedding.weight   # whole when seq fills it: no slice for a plan's
+        x = x + (positions if seq == positions.shape[0] else positions[:seq]).to(x.dtype)   # graph to fold
         mask = torch.full((seq, seq), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
         stop = layer_idx + self.num_layers if layer_idx is not None and layer_idx < 0 else layer_idx
         intermediate = None
@@ -322,42 +324,44 @@ def _text_config(sd: dict[str, torch.Tensor], layout: str) -> CLIPTextConfig:
 def build_text_encoder(sd: dict[str, torch.Tensor], spec: EncoderSpec, *, device="cpu",
                        dtype: torch.dtype = torch.float32,
                        storage_dtype: torch.dtype | None = torch.float16) -> ClipTextEncoder:
-    """One encoder from its checkpoint tensors (prefix already removed).
+    """One encoder from its checkpoint tensors (prefix already removed), which it takes out of
+    ``sd`` as it converts them.
 
-    Weights are rounded through ``storage_dtype`` (ComfyUI keeps text encoders in fp16 and casts
-    them to the fp32 activations), then held in ``dtype``. A missing text_projection (SD1) is the
-    identity, as in ComfyUI.
+    Weights are held in ``storage_dtype`` and cast to ``dtype`` as each layer runs (ComfyUI keeps
+    text encoders in fp16 and casts them to the fp32 activations: kiln.nodes.models.manual_cast);
+    ``storage_dtype`` None holds them in ``dtype``. A missing text_projection (SD1) is the identity,
+    as in ComfyUI.
     """
-    sd = _hf_keys(sd) if spec.layout == "hf" else _openclip_keys(sd)
+    source = sd
+    sd = _hf_keys(source) if spec.layout == "hf" else _openclip_keys(source)
+    source.clear()   # the renamed dict holds the tensors now: each is freed once converted
     config = _text_config(sd, spec.layout)
     if "text_projection.weight" not in sd:
         sd["text_projection.weight"] = torch.eye(config.hidden_size)
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(config)
-    weights = {}
-    for k, v in sd.items():
-        v = v.to(device)
-        if storage_dtype is not None:
-            v = v.to(storage_dtype)
-        weights[k] = v.to(dtype)
+    held = storage_dtype or dtype
+    weights = {k: sd.pop(k).to(device=device, dtype=held) for k in list(sd)}
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"CLIP-{spec.key} weights do not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     positions = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
     model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
+    cast_on_use(model, dtype)
     return ClipTextEncoder(model.eval().requires_grad_(False), spec, storage_dtype)
 
 
 def build_clip(state_dict: dict[str, torch.Tensor], arch: str, *, device="cpu",
                dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype | None = torch.float16,
                embedding_dirs: Sequence[str] = ()) -> Clip:
-    """The CLIP of a full single-file checkpoint of ``arch`` ("sd1" | "sd2" | "sdxl")."""
+    """The CLIP of a full single-file checkpoint of ``arch`` ("sd1" | "sd2" | "sdxl"); its tensors
+    are taken out of ``state_dict`` as the encoders are built."""
     if arch not in _ARCH_SPECS:
         raise ValueError(f"no CLIP layout known for arch {arch!r}; expected one of {sorted(_ARCH_SPECS)}")
     encoders = {}
     for spec in _ARCH_SPECS[arch]:
-        part = {k[len(spec.prefix):]: v for k, v in state_dict.items() if k.startswith(spec.prefix)}
+        part = {k[len(spec.prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(spec.prefix)}
         if not part:
             raise ValueError(f"checkpoint has no CLIP-{spec.key} text encoder (no keys under {spec.prefix!r})")
         encoders[spec.key] = build_text_encoder(part, spec, device=device, dtype=dtype, storage_dtype=storage_dtype)

@@ -294,6 +294,17 @@ def storage_key(t: torch.Tensor) -> tuple[int, int]:
     return t.untyped_storage().data_ptr(), t.storage_offset()
 
 
+def converted_state(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor], *, device,
+                    dtype=lambda stored: stored) -> dict[str, torch.Tensor]:
+    """A module's state dict from a converter's output, each tensor moved to ``device`` and
+    ``dtype`` (a dtype, or a function of the tensor's own) as it is taken: ``source`` (the file's
+    tensors) is emptied first, so each file tensor is freed once converted and a checkpoint's fp16
+    tensors never sit beside all of its fp32 modules."""
+    source.clear()
+    target = dtype if callable(dtype) else (lambda stored: dtype)
+    return {k: (v := converted.pop(k)).to(device=device, dtype=target(v.dtype)) for k in list(converted)}
+
+
 def check_conversion(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor | None],
                      expected: dict[str, torch.Size], what: str) -> None:
     """Strict loading: every source tensor used, every module tensor present with its shape.

@@ -16,7 +16,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from kiln.kernels.model_sampling import ModelSamplingDiscrete, nearest_timestep
 from kiln.kernels.sdxl import sdxl_vector
-from kiln.nodes.models.detect import UNET_PREFIX, ModelFileError, ModelInfo, check_conversion, storage_key
+from kiln.nodes.models.detect import (UNET_PREFIX, ModelFileError, ModelInfo, check_conversion, converted_state,
+                                      storage_key)
 from kiln.kernels.lora import Adapter
 from kiln.nodes.models.lora_keys import UNET_KEY_PREFIX, unet_lora_keys
 from kiln.nodes.models.patching import PatchedWeights
@@ -81,25 +82,21 @@ def diffusers_config(info: ModelInfo) -> dict:
     }
 
 
-def _unet_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-
-
 def build_unet(sd: dict[str, torch.Tensor], info: ModelInfo, *, device="cpu",
                dtype: torch.dtype = torch.float32) -> tuple[UNet2DConditionModel, dict[str, str]]:
     """The diffusers UNet holding the checkpoint's ``model.diffusion_model.*`` weights (strict),
-    and which of its parameters each LDM name (ComfyUI's ``diffusion_model.*`` key) became."""
+    taken out of ``sd``, and which of its parameters each LDM name (ComfyUI's ``diffusion_model.*``
+    key) became."""
     config = diffusers_config(info)
-    source = _unet_part(sd)
+    source = {k: sd.pop(k) for k in list(sd) if k.startswith(UNET_PREFIX)}
     converted = convert_ldm_unet_checkpoint(source, config)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     expected = {k: v.shape for k, v in unet.state_dict().items()}
     check_conversion(source, converted, expected, "UNet")
-    unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in converted.items()},
-                         strict=True, assign=True)
     module_name = {storage_key(v): k for k, v in converted.items()}
     ldm_names = {UNET_KEY_PREFIX + k[len(UNET_PREFIX):]: module_name[storage_key(v)] for k, v in source.items()}
+    unet.load_state_dict(converted_state(source, converted, device=device, dtype=dtype), strict=True, assign=True)
     return unet.eval().requires_grad_(False), ldm_names
 
 

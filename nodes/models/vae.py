@@ -12,7 +12,9 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from kiln.nodes.models.detect import VAE_PREFIX, ModelFileError, check_conversion, count_blocks, describe_keys
+from kiln.nodes.models.detect import (VAE_PREFIX, ModelFileError, check_conversion, converted_state, count_blocks,
+                                      describe_keys)
+from kiln.nodes.models.manual_cast import cast_on_use, held_dtype
 
 # The autoencoder's modules; other keys (``model_ema.*``, training losses) are not weights of it.
 _MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -92,15 +94,16 @@ class Vae(torch.nn.Module):
     """VAE (``VaeHandle``): NHWC [0,1] pixels <-> raw latents, float32 outputs on the VAE's device.
     Export-safe as written: a plan's compiled VAE stages call these same methods."""
 
-    def __init__(self, model: AutoencoderKL):
+    def __init__(self, model: AutoencoderKL, dtype: torch.dtype):
         super().__init__()
         self.model = model
+        self._dtype = dtype   # what it computes in; weights read as fp16 stay fp16 (cast on use)
         self.downscale_ratio = 2 ** (len(model.config.block_out_channels) - 1)
         self.latent_channels = model.config.latent_channels
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
@@ -119,12 +122,16 @@ class Vae(torch.nn.Module):
 
 
 def build_vae(sd: dict[str, torch.Tensor], *, device="cpu", dtype: torch.dtype = torch.float32) -> Vae:
-    """A Vae from VAE tensors in any accepted layout (a full checkpoint's ``first_stage_model.*`` too)."""
+    """A Vae computing in ``dtype`` from VAE tensors in any accepted layout (a full checkpoint's
+    ``first_stage_model.*`` too); empties ``sd``, freeing each file tensor once converted. Weights
+    whose cast to ``dtype`` is exact (an fp16 file's) are held as read and cast as each layer runs,
+    as ComfyUI's fp32 VAE computes with them."""
     config, source, converted = _layout(sd)
+    sd.clear()
     with torch.device("meta"):
         model = AutoencoderKL(**config.diffusers())
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_conversion(source, converted, expected, "VAE")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in converted.items()},
-                          strict=True, assign=True)
-    return Vae(model.eval().requires_grad_(False))
+    model.load_state_dict(converted_state(source, converted, device=device,
+                                          dtype=lambda stored: held_dtype(stored, dtype)), strict=True, assign=True)
+    return Vae(cast_on_use(model, dtype).eval().requires_grad_(False), dtype)
