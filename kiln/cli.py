@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 
 from kiln.kernels.errors import KilnError, Problem
-from kiln.kernels.settings import Settings
 from kiln.runtime.errors import PlanError
 
 _CLI_IMPORTED = time.monotonic()
@@ -26,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        args.opened = _open_plan_early(args)
+        from kiln.kernels.settings import Settings   # imports torch
+
         args.settings = Settings.from_environment()
         return args.handler(args)
     except KeyboardInterrupt:
@@ -190,6 +192,18 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_plan_early(args: argparse.Namespace):
+    """``kiln run x.plan``: the plan opened and its digests being checked in a thread while torch
+    and onnxruntime import (kiln.runtime.plan_file needs neither); None for anything else."""
+    if args.command != "run" or not _is_plan(args.workflow) or not args.workflow.is_file():
+        return None
+    from kiln.runtime.plan_file import PlanFile
+
+    opened = PlanFile(args.workflow)
+    opened.start_verifying()
+    return opened
+
+
 def _is_plan(path: Path) -> bool:
     """A ``.plan`` name, or any file that starts as a zip (workflows are JSON)."""
     if path.suffix == ".plan":
@@ -208,9 +222,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     from kiln.runtime.plan import load_plan
 
     with ProgressBars(unit="stage") as bars:
-        plan = load_plan(args.workflow, provider=args.provider, settings=args.settings,
+        plan = load_plan(args.opened or args.workflow, provider=args.provider, settings=args.settings,
                          loras=[LoraSpec.parse(text) for text in args.lora],
-                         progress=None if args.quiet else bars.load_step)
+                         progress=None if args.quiet else bars.load_step, prepack=False)   # one image
     values = seed_values(plan.manifest, args.seed) if args.seed is not None else {}
     for item in args.set:
         parsed = _split_set(item)

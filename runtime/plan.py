@@ -9,10 +9,7 @@ manifest, and says which. Weights and constants are memory-mapped straight out o
 """
 from __future__ import annotations
 
-import mmap
-import struct
 import time
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,46 +19,29 @@ import torch
 
 from kiln.kernels.clip_bpe import ClipBpe
 from kiln.kernels.settings import Settings
-from kiln.runtime.artifacts import CompiledStage, cached_artifact, digest_of
+from kiln.runtime.artifacts import CompiledStage, cached_artifact
 from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.errors import PlanError
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
-from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, FP16_WEIGHTS, MANIFEST_MEMBER, WEIGHTS_MEMBER,
-                                   Manifest,
-                                   parse_manifest)
+from kiln.runtime.manifest import (ARTIFACT_SUFFIXES, CONSTANTS_MEMBER, FP16_WEIGHTS, WEIGHTS_MEMBER,
+                                   Manifest)
 from kiln.runtime.ort import CPU, OnnxStage, choose_providers, nchwc_block_size, onnxruntime, provider_device
 from kiln.runtime.ort_layouts import originals, relaid, relayouts
+from kiln.runtime.plan_file import PlanFile, plural
 from kiln.runtime.tensor_files import mapped_tensors
 
-ZIP_MAGIC = b"PK\x03\x04"
-_LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature, ..., file name length, extra length
+class PlanReader(PlanFile):
+    """A plan file opened for reading, with the checks and views that need torch and onnxruntime."""
 
-
-class PlanReader:
-    """A plan file opened for reading: its manifest, members and their bytes (memory-mapped)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise PlanError("invalid_plan", f"plan file {self.path} does not exist")
-        with open(self.path, "rb") as f:
-            head = f.read(4)
-        if head != ZIP_MAGIC:
-            raise PlanError("invalid_plan", f"{self.path} is not a kiln plan (not a zip file)",
-                            expected="a .plan file written by `kiln compile`", found=f"a file starting with {head!r}")
-        try:
-            with zipfile.ZipFile(self.path) as zf:
-                self.entries = {info.filename: info for info in zf.infolist()}
-                if MANIFEST_MEMBER not in self.entries:
-                    raise PlanError("invalid_plan", f"{self.path} is missing member {MANIFEST_MEMBER}")
-                manifest = zf.read(MANIFEST_MEMBER)
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise PlanError("invalid_plan", f"{self.path} is truncated or damaged: its zip directory cannot be read",
-                            found=str(exc), hint="(copy or download the plan again)") from None
-        self.manifest: Manifest = parse_manifest(manifest)
-        with open(self.path, "rb") as f:   # the map keeps its own handle
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # writable: torch.frombuffer wants it
+    @classmethod
+    def of(cls, source: str | Path | PlanFile) -> "PlanReader":
+        """A reader for a path, or for a PlanFile already opened (and maybe being verified)."""
+        if not isinstance(source, PlanFile):
+            return cls(source)
+        reader = cls.__new__(cls)
+        reader.__dict__.update(source.__dict__)
+        return reader
 
     def check_compatible(self) -> None:
         """Backend, torch version (AOTInductor) and target device against this process."""
@@ -87,7 +67,6 @@ class PlanReader:
         elif device.type != "cpu":
             raise PlanError("plan_device_unavailable", "the plan targets a device this runtime does not support",
                             expected="cpu or cuda", found=repr(m.target["device"]))
-
     def _check_onnx(self) -> None:
         """onnxruntime present; a CUDA plan without a GPU here falls back to the CPU provider;
         graphs optimized at compile time need the onnxruntime and the CPU layout they were made for."""
@@ -108,66 +87,6 @@ class PlanReader:
             raise PlanError("plan_device_unavailable", "the plan's graphs were optimized for a CPU with another "
                             "convolution layout (NCHWc block size)", expected=f"block {made_for.get('nchwc_block')}",
                             found=f"block {nchwc_block_size()} on this CPU", hint=recompile)
-
-    def verify_members(self) -> None:
-        """Every listed member present, stored, and matching its BLAKE3 digest; nothing unlisted; the
-        weights where the graphs that read them from the file expect them."""
-        listed = self.manifest.members
-        missing = [name for name in listed if name not in self.entries]
-        if missing:
-            raise PlanError("invalid_plan", f"the plan is missing member{_s(missing)} {', '.join(missing)}",
-                            expected="every member its manifest lists", hint="(the file was altered)")
-        unlisted = [name for name in self.entries if name not in listed and name != MANIFEST_MEMBER]
-        if unlisted:
-            raise PlanError("invalid_plan", f"the plan has {'a member' if len(unlisted) == 1 else 'members'} "
-                            f"its manifest does not list: {', '.join(unlisted)}", hint="(the file was altered)")
-        compressed = [name for name in listed if self.entries[name].compress_type != zipfile.ZIP_STORED]
-        if compressed:
-            raise PlanError("invalid_plan", f"member{_s(compressed)} {', '.join(compressed)} "
-                            f"{'is' if len(compressed) == 1 else 'are'} compressed; kiln plans store members "
-                            "uncompressed", hint="(the file was re-zipped)")
-        bad = [(name, digest, self._digest(name)) for name, digest in listed.items()]
-        bad = [item for item in bad if item[1] != item[2]]
-        if bad:
-            names = ", ".join(name for name, _, _ in bad)
-            raise PlanError("plan_member_mismatch",
-                            f"member{_s(bad)} {names} do{'es' if len(bad) == 1 else ''} not match the manifest's "
-                            "digest (damaged or modified)",
-                            expected=f"BLAKE3 {bad[0][1][:16]}...", found=f"BLAKE3 {bad[0][2][:16]}...")
-        offset = self.manifest.weights_offset
-        if offset is not None and self.member_range(WEIGHTS_MEMBER)[0] != offset:
-            raise PlanError("invalid_plan", f"{WEIGHTS_MEMBER} is not where the plan's graphs read it (the file "
-                            "was re-packed)", expected=f"offset {offset}",
-                            found=f"offset {self.member_range(WEIGHTS_MEMBER)[0]}",
-                            hint="(copy the plan file as it is, or recompile it with kiln compile)")
-
-    def _digest(self, name: str) -> str:
-        """The member's digest; its pages are then dropped from this process (they stay in the page
-        cache): a mapping that reads them for real, onnxruntime's or the weights', maps them again,
-        and hashing must not count them twice in the process's memory."""
-        start, end = self.member_range(name)
-        digest = digest_of(self.member(name))
-        page = mmap.PAGESIZE
-        begin = start // page * page
-        self._map.madvise(mmap.MADV_DONTNEED, begin, min(len(self._map), -(-end // page) * page) - begin)
-        return digest
-
-    def member_range(self, name: str) -> tuple[int, int]:
-        """(start, end) byte offsets of a stored member's data in the file."""
-        info = self.entries[name]
-        try:
-            signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(self._map, info.header_offset)
-        except struct.error:
-            signature = None
-        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len if signature == ZIP_MAGIC else None
-        if start is None or start + info.file_size > len(self._map):
-            raise PlanError("invalid_plan", f"{self.path}: member {name} lies outside the file (truncated or damaged)")
-        return start, start + info.file_size
-
-    def member(self, name: str) -> memoryview:
-        start, end = self.member_range(name)
-        return memoryview(self._map)[start:end]
-
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """A safetensors member as CPU tensors viewing the mapped file (no copy)."""
         start, end = self.member_range(name)
@@ -202,18 +121,22 @@ class LoadedPlan:
         return self.stage_loader.load(tuple(loras) + self.loras)[0]
 
 
-def load_plan(path: str | Path, provider: str | None = None, settings: Settings = Settings(),
-              loras: Sequence[LoraSpec] = (), progress: Callable[[str, int, int], None] | None = None) -> LoadedPlan:
+def load_plan(path: str | Path | PlanFile, provider: str | None = None, settings: Settings = Settings(),
+              loras: Sequence[LoraSpec] = (), progress: Callable[[str, int, int], None] | None = None,
+              prepack: bool = True) -> LoadedPlan:
     """Verify (format, versions, device, member hashes), then map weights, apply ``loras`` to
     them (``kiln.runtime.lora``) and load the artifacts; ``progress(stage name, index, total)``
     before each artifact loads (a big plan takes seconds), ``("plan", total, total)`` at the end.
 
     ``provider`` forces an onnxruntime execution provider for an ONNX plan (``cuda``,
     ``TensorrtExecutionProvider``, ...): PlanError when it is not available, never a fallback.
+    ``prepack`` False opens ONNX sessions without packing weights for the matrix kernels: the
+    first image comes sooner, later ones slower (kiln.runtime.ort.session_options); for a process
+    that makes one image.
     AOTInductor packages are extracted to the settings' cache folder (the loader opens files).
     """
     start = time.perf_counter()
-    reader = PlanReader(path)
+    reader = PlanReader.of(path)
     reader.check_compatible()
     reader.verify_members()
     manifest = reader.manifest
@@ -227,10 +150,10 @@ def load_plan(path: str | Path, provider: str | None = None, settings: Settings 
         weights = {key: t.float() if t.dtype == torch.float16 else t for key, t in weights.items()}
     if device.type != "cpu" and not onnx:   # onnxruntime moves initializers itself
         weights = {key: tensor.to(device) for key, tensor in weights.items()}
-    stages = _StageLoader(reader, weights, device, providers, settings)
+    stages = _StageLoader(reader, weights, device, providers, settings, prepack)
     compiled, patch_seconds = stages.load(tuple(loras), progress)
     sizes = {name: info.file_size for name, info in reader.entries.items()}
-    return LoadedPlan(Path(path), manifest, device, constants, compiled, sizes, time.perf_counter() - start,
+    return LoadedPlan(reader.path, manifest, device, constants, compiled, sizes, time.perf_counter() - start,
                       providers, _tokenizers(reader), tuple(loras), patch_seconds, stages)
 
 
@@ -242,9 +165,10 @@ class _StageLoader:
     VARIANTS = 2
 
     def __init__(self, reader: PlanReader, weights: dict[str, torch.Tensor], device: torch.device,
-                 providers: list[str], settings: Settings):
+                 providers: list[str], settings: Settings, prepack: bool = True):
         self.reader, self.weights, self.device, self.providers, self.settings = (reader, weights, device,
                                                                                  providers, settings)
+        self.prepack = prepack
         self._table: dict | None = None   # lora.json, read when a LoRA is first applied (not at every load)
         self.stages = {stage.name: stage for stage in reader.manifest.stages}
         self.relayouts = {stage.name: relayouts(stage.relayouts) for stage in reader.manifest.stages}
@@ -309,7 +233,8 @@ class _StageLoader:
             in_file = stage.optimized and self.reader.manifest.weights_offset is not None
             return OnnxStage(bytes(member), patched if in_file else weights, self.providers, self.device,
                              stage.describe(), self.settings.artifact_cache,
-                             plan_file=self.reader.path if in_file else None, optimized=stage.optimized)
+                             plan_file=self.reader.path if in_file else None, optimized=stage.optimized,
+                             prepack=self.prepack)
         artifact = cached_artifact(member, self.reader.manifest.members[stage.artifact], self.settings.artifact_cache)
         return CompiledStage(artifact, weights, self.device, stage.describe())
 
@@ -370,7 +295,7 @@ def describe_plan(path: str | Path) -> str:
         lines.append(f"  {spec.name}: {spec.type}, default {spec.default!r}{allowed}")
     lines.append(f"stages ({len(m.stages)}):")
     for i, stage in enumerate(m.stages, 1):
-        lines.append(f"  {i}. {stage.name}: {stage.kind}, node{_s(stage.node_ids)} {', '.join(stage.node_ids)}")
+        lines.append(f"  {i}. {stage.name}: {stage.kind}, node{plural(stage.node_ids)} {', '.join(stage.node_ids)}")
         reads, writes = ", ".join(stage.inputs.values()) or "-", ", ".join(stage.outputs.values()) or "-"
         lines.append(f"     reads {reads}; writes {writes}")
         kind = KINDS.get(stage.kind)
@@ -379,8 +304,8 @@ def describe_plan(path: str | Path) -> str:
             lines.append(f"     {settings}")
         if stage.artifact is not None:
             lines.append(f"     artifact {stage.artifact} ({_size(sizes.get(stage.artifact, 0))}), "
-                         f"{len(stage.constant_names)} weight{_s(stage.constant_names)}")
-    lines.append(f"folded ({len(m.folded)} node{_s(m.folded)}):")
+                         f"{len(stage.constant_names)} weight{plural(stage.constant_names)}")
+    lines.append(f"folded ({len(m.folded)} node{plural(m.folded)}):")
     for entry in m.folded:
         lines.append(f"  {entry.get('node_id')} {entry.get('class_type')} -> {', '.join(entry.get('outputs', []))}")
     if m.dropped_models:
@@ -393,10 +318,6 @@ def describe_plan(path: str | Path) -> str:
 def _release(version: str) -> str:
     """``2.14.1+cu130`` -> ``2.14.1``: the local build tag (CUDA flavour) does not change the ABI."""
     return version.split("+", 1)[0]
-
-
-def _s(items) -> str:
-    return "" if len(items) == 1 else "s"
 
 
 def _num(value) -> str:

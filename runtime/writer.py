@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from kiln.kernels.settings import Settings
-from kiln.runtime.artifacts import cached_artifact, constant_fqns, digest_of
+from kiln.runtime.artifacts import cached_artifact, constant_fqns
+from kiln.runtime.plan_file import digest_of
 from kiln.runtime.dataflow import check_dataflow
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.manifest import (CONSTANTS_MEMBER, FORMAT, FORMAT_VERSION, MANIFEST_MEMBER, WEIGHTS_MEMBER,

@@ -321,11 +321,20 @@ def _rewrite(src: Path, dst: Path, *, edit_manifest=None, drop=(), add=None) -> 
     return dst
 
 
-def _tampered(plan: Path, dst: Path) -> Path:
-    start, end = PlanReader(plan).member_range("constants.safetensors")
+def _tampered(plan: Path, dst: Path, member: str = "constants.safetensors") -> Path:
+    start, end = PlanReader(plan).member_range(member)
     data = bytearray(plan.read_bytes())
-    data[end - 1] ^= 0x01
+    data[(start + end) // 2 if member == "weights.safetensors" else end - 1] ^= 0x01
     dst.write_bytes(bytes(data))
+    return dst
+
+
+def _truncated_member(plan: Path, dst: Path) -> Path:
+    """A valid zip whose weights member lost its second half (the manifest still lists the whole)."""
+    with zipfile.ZipFile(plan) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info.filename, data[:len(data) // 2] if info.filename == "weights.safetensors" else data)
     return dst
 
 
@@ -343,6 +352,12 @@ REFUSALS = {
     "tampered": (_tampered,
                  "plan_member_mismatch: member constants.safetensors does not match the manifest's digest "
                  "(damaged or modified) (expected BLAKE3 {sha}...; found BLAKE3 "),
+    "flipped_weight": (lambda plan, dst: _tampered(plan, dst, "weights.safetensors"),
+                       "plan_member_mismatch: member weights.safetensors does not match the manifest's digest "
+                       "(damaged or modified) (expected BLAKE3 {weights_sha}...; found BLAKE3 "),
+    "truncated_member": (_truncated_member,
+                         "plan_member_mismatch: member weights.safetensors does not match the manifest's digest "
+                         "(damaged or modified) (expected BLAKE3 {weights_sha}...; found BLAKE3 "),
     "format_version": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m.update(format_version=99)),
                        "plan_version_mismatch: plan format version 99 is not supported by this kiln "
                        "(expected format version 3; found format version 99) (recompile the plan with this kiln)"),
@@ -351,10 +366,10 @@ REFUSALS = {
                       f"2.0.0; found torch {torch.__version__}) (recompile the plan with this torch)"),
     "missing_member": (lambda plan, dst: _rewrite(plan, dst, drop=["stages/module_8.pt2"]),
                        "invalid_plan: the plan is missing member stages/module_8.pt2 (expected every member its "
-                       "manifest lists) (the file was altered)"),
+                       "manifest lists) (the file was altered: copy it again, or recompile it with kiln compile)"),
     "unlisted_member": (lambda plan, dst: _rewrite(plan, dst, add={"extra.bin": b"x"}),
                         "invalid_plan: the plan has a member its manifest does not list: extra.bin "
-                        "(the file was altered)"),
+                        "(the file was altered: copy it again, or recompile it with kiln compile)"),
     "member_outside": (lambda plan, dst: _rewrite(plan, dst, edit_manifest=lambda m: m["members"].update(
                            {"../../outside.bin": "0" * 64})),
                        "invalid_plan: the manifest lists a member outside the plan (expected member names inside "
@@ -374,10 +389,12 @@ def test_refused_with_exact_message_before_running(case, plan, tmp_path, artifac
     make, message = REFUSALS[case]
     bad = make(plan, tmp_path / "bad.plan")
     shutil.rmtree(artifact_cache)   # the writer extracted the artifacts to list their constants
-    expected = message.format(dst=bad, sha=_members(plan)["constants.safetensors"][:16])
+    expected = message.format(dst=bad, sha=_members(plan)["constants.safetensors"][:16],
+                              weights_sha=_members(plan)["weights.safetensors"][:16])
     with pytest.raises(PlanError) as info:
         load_plan(bad)
     assert info.value.format().startswith(expected), info.value.format()
+    assert any(word in info.value.problem.hint for word in ("compile", "copy")), "says what to do"
     out = tmp_path / "out"
     assert main(["run", str(bad), "-o", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -32,12 +32,13 @@ from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.prompt_syntax import MAX_LENGTH
 from kiln.nodes.models.tokenizer import clip_merge_file
 from kiln.nodes.plan import NeedsStaticShapes
-from kiln.runtime.artifacts import cached_artifact, constant_fqns, digest_of
+from kiln.runtime.artifacts import cached_artifact, constant_fqns
 from kiln.runtime.kinds import KINDS
 from kiln.runtime.kinds.sample import BOUND_PREFIX, sdxl_y
 from kiln.runtime.lora import LORA_MEMBER
 from kiln.runtime.manifest import FP16_WEIGHTS, RuntimeInput
 from kiln.runtime.ort import nchwc_block_size, onnxruntime
+from kiln.runtime.plan_file import digest_of
 from kiln.runtime.prompts import VOCABULARY_MEMBER
 from kiln.runtime.writer import PlanWriter
 
