@@ -163,13 +163,17 @@ class Interpreter:
 
 
 class Plan:
-    def __init__(self, path: Path, output: Path):
+    """A plan loaded as ``kiln run`` loads it (one image: ONNX sessions without prepacking);
+    ``keep_models()`` reloads it as ``kiln serve`` does, for the warm runs."""
+
+    def __init__(self, path: Path, output: Path, prepack: bool = False):
         from kiln.kernels.settings import Settings
         from kiln.runtime.plan import load_plan
 
+        self.path = path
         self.settings = Settings.from_environment()   # a child process: KILN_CACHE_DIR from the parent
         marks = []
-        self.plan = load_plan(path, settings=self.settings,
+        self.plan = load_plan(path, settings=self.settings, prepack=prepack,
                               progress=lambda name, index, total: marks.append((name, time.perf_counter())))
         end = time.perf_counter()
         verify = marks[0][1] - (end - self.plan.load_seconds) if marks else self.plan.load_seconds
@@ -182,6 +186,13 @@ class Plan:
 
         run = run_plan(self.plan, {}, output_dir=self.output, settings=self.settings)
         return run.saved[-1], [(t.name, t.seconds) for t in run.timings]
+
+    def keep_models(self) -> None:
+        from kiln.runtime.plan import load_plan
+
+        self.plan = None
+        self.plan = load_plan(self.path, settings=self.settings, prepack=True)
+        self()
 
 
 def timed(fn) -> tuple[float, object]:
@@ -217,8 +228,7 @@ def child(spec: dict) -> None:
     image, first_stages = run()
     print("first", time.time(), image, flush=True)
     peak_kib = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
-    if isinstance(run, Interpreter):
-        run.keep_models()
+    run.keep_models()
     warm = [timed(run)[0] for _ in range(spec["warm_runs"])]
     print("done", json.dumps({"warm": warm, "peak_rss_mib": peak_kib / 1024, "load_stages": run.load_stages,
                               "first_stages": first_stages}), flush=True)
@@ -300,9 +310,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Medians over {meta['reps']} fresh processes per engine, {meta['warm_runs']} warm runs each after the "
              "first image. Ratios are engine / interpreter (lower is better); fresh = spawning the process to its "
              "first image written, = import (Python and kiln's runtime) + load (the plan; the interpreter validates "
-             "only, its models load in its first run) + first run; peak RSS of those processes up to their first "
-             "image (the interpreter frees each model after its last reader, as `kiln run` does; for its warm runs "
-             "it then holds them); compile = passes + "
+             "only, its models load in its first run) + first run, each engine as `kiln run` runs it (plans: ONNX "
+             "sessions without prepacking; the interpreter frees each model after its last reader); peak RSS of "
+             "those processes up to their first image; warm = later images in the same process, loaded as "
+             "`kiln serve` keeps them (plans: sessions with prepacking; the interpreter holds its models); "
+             "compile = passes + "
              "export + build of every stage (cache hits included) + onnxruntime's optimization of ONNX graphs; "
              "PSNR and max diff of the plan's image against the interpreter's.", "",
              "| config | engine | warm s | warm ratio | fresh s | fresh ratio | import s | load s | first run s "

@@ -20,6 +20,9 @@ from kiln.runtime.prompts import VOCABULARY_MEMBER
 # float difference at a boundary into 1. bf16: the compiled code rounds to bf16 after fused
 # elementwise chains where eager torch rounds after every op (measured 37 dB, max 21 on txt2img).
 PARITY = {"fp32": (60.0, 2), "bf16": (30.0, 40)}
+# Both backends, AOTInductor's compile (minutes on 2 cores) marked slow: the default suite checks a
+# feature on ONNX, CI (`--runslow`) on both.
+BACKENDS = [pytest.param("aoti", marks=pytest.mark.slow, id="aoti"), "onnx"]
 # Two 77-token chunks with weights, against the one-chunk negative prompt: the runtime repeats it.
 LONG_PROMPT = "a (red fox:1.3) in the snow, ((detailed)), " + ", ".join(f"tree {i}" for i in range(40))
 

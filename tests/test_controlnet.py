@@ -20,7 +20,7 @@ from kiln.runtime.executor import run_plan
 from kiln.runtime.plan import load_plan
 from controlnet_files import controlnet_state_dict, diffusers_layout
 from lora_files import read, save
-from plan_parity import assert_parity, backend_compilers
+from plan_parity import BACKENDS, assert_parity, backend_compilers
 from workflows import render, txt2img
 
 
@@ -164,7 +164,7 @@ def cn_build(cn_models, tmp_path_factory):
     return backend_compilers(*cn_models, tmp_path_factory, "cn")
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_controlnet_plans_match_the_interpreter(cn_models, cn_build, tmp_path, backend):
     """ControlNetApplyAdvanced over the whole schedule, chained with ControlNetApply: the
     ControlNets run inside the compiled denoiser, their hint (a constant) resized there."""
@@ -189,7 +189,7 @@ def test_a_controlnet_window_compiles_as_a_select_on_sigma(cn_models, cn_build, 
     assert_parity(workflow, cn_build["onnx"]("windowed", workflow), tmp_path, models, inputs)
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_runtime_hint_image_is_loaded_and_bound_at_run_time(cn_models, cn_build, tmp_path, backend):
     """``--input 21.image``: a load_image stage reads the hint, a module stage turns it into the
     Controls' hint, which the compiled denoiser takes as an input in place of its buffer; the

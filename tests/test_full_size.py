@@ -1,4 +1,4 @@
-"""HiRes fix on a full-size SD1.5-architecture checkpoint (random weights, ~2 GB): run with --runslow."""
+"""HiRes fix on a full-size SD1.5-architecture checkpoint (random weights, ~2 GB): run with --full-size."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from kiln.nodes.models.synthetic_esrgan import write_esrgan
 from workflows import hires_fix
 
 
-@pytest.mark.slow
+@pytest.mark.full_size
 def test_hires_fix_full_size_sd15(tmp_path):
     models = tmp_path / "models"
     write_checkpoint(models / "checkpoints" / "tiny-sd15.safetensors", "sd1", size="full", seed=0)
@@ -25,7 +25,7 @@ def test_hires_fix_full_size_sd15(tmp_path):
     assert image.shape == (256, 256, 3) and image.std() > 1
 
 
-@pytest.mark.slow
+@pytest.mark.full_size
 def test_hires_fix_full_size_onnx_plan(tmp_path):
     """The same chain at full size (SD1.5 UNet/VAE/CLIP, 23-block ESRGAN x4) as an ONNX plan with a
     runtime prompt, against the interpreter."""

@@ -23,7 +23,7 @@ from kiln.nodes.models.unet import diffusers_config
 from kiln.runtime.plan import load_plan
 from ipadapter_files import attention_sites, clip_vision_state_dict, ipadapter_state_dict
 from lora_files import UNET, read, save
-from plan_parity import assert_parity, backend_compilers
+from plan_parity import BACKENDS, assert_parity, backend_compilers
 from workflows import render, txt2img
 
 VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -280,7 +280,7 @@ def ipa_build(ipa_models, tmp_path_factory):
     return backend_compilers(*ipa_models, tmp_path_factory, "ipa")
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ipadapter_plans_match_the_interpreter(ipa_models, ipa_build, tmp_path, backend):
     """IP-Adapter inside the compiled denoiser: the image embeds are folded (the vision encoder
     is dropped from the plan), the attention terms, weight curve, negative embeds and the
@@ -294,7 +294,7 @@ def test_ipadapter_plans_match_the_interpreter(ipa_models, ipa_build, tmp_path, 
     assert_parity(workflow, loaded, tmp_path, models, inputs)
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_runtime_reference_image_is_encoded_at_run_time(ipa_models, ipa_build, tmp_path, backend):
     """``--input 31.image``: a load_image stage, a module stage with the vision encoder and the
     projection computing the tokens, which the compiled denoiser reads in place of the patch's
@@ -335,6 +335,7 @@ def test_a_runtime_image_for_a_node_that_needs_it_at_compile_time_is_refused(ipa
     assert problem.found == "attn_mask reads node 31 (LoadImage)"
 
 
+@pytest.mark.slow
 def test_simple_ipadapter_plan_with_a_runtime_prompt(ipa_models, ipa_build, tmp_path):
     models, inputs = ipa_models
     workflow = _simple(preset="PLUS (high strength)", weight_type="style transfer", end=0.5)
@@ -342,7 +343,7 @@ def test_simple_ipadapter_plan_with_a_runtime_prompt(ipa_models, ipa_build, tmp_
     assert_parity(workflow, plan, tmp_path, models, inputs, values={"6.text": "a (blue:1.2) bird"})
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_ipadapter_mask_compiles_at_the_plans_size(ipa_models, ipa_build, tmp_path, backend):
     models, inputs = ipa_models
     workflow = _advanced()

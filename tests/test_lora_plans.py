@@ -15,7 +15,7 @@ from kiln.runtime.lora import LORA_MEMBER, LoraSpec, lora_overrides, read_table
 from kiln.runtime.manifest import WEIGHTS_MEMBER
 from kiln.runtime.plan import PlanReader, load_plan
 from lora_files import kohya_everything, read, save, whole_unet_lora, with_loras
-from plan_parity import assert_parity, backend_compilers
+from plan_parity import BACKENDS, assert_parity, backend_compilers
 from workflows import txt2img
 
 
@@ -49,6 +49,7 @@ def _by_fqn(reader: PlanReader, weights: dict) -> dict:
             for stage in reader.manifest.stages if stage.artifact is not None}
 
 
+@pytest.mark.slow
 def test_load_time_lora_equals_the_compile_time_merge_weight_by_weight(build, models, tmp_path):
     """``--lora style:0.8:0.6`` on a plan with its prompts as runtime inputs (the text encoder is
     in the plan) patches UNet and CLIP weights exactly as compiling the LoraLoader in does,
@@ -80,7 +81,7 @@ def test_load_time_lora_equals_the_compile_time_merge_weight_by_weight(build, mo
     assert_parity(workflow, loaded, tmp_path, models, None)
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_load_time_lora_after_the_plans_own_on_folded_prompts(build, models, tmp_path, backend):
     """A plan with a constant LoRA merged in and folded prompts, then ``--lora detail:0.7:0``:
     the interpreter's chain of two LoraLoaders (the plan's first)."""
@@ -95,7 +96,7 @@ def test_load_time_lora_after_the_plans_own_on_folded_prompts(build, models, tmp
     assert_parity(chained, loaded, tmp_path, models, None)
 
 
-@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_runtime_lora_name_is_applied_when_the_plan_runs(build, models, tmp_path, backend):
     """``--input 30.lora_name --input 30.strength_model``: the plan holds the weights before the
     LoRA and each run patches them with the LoRA it names (the interpreter's image each time)."""

@@ -68,7 +68,8 @@ def test_hires_fix_onnx_plan_matches_interpreter(hires_plan, tmp_path, models_di
     assert_parity(hires_fix(), hires_plan, tmp_path, models_dir, input_dir)
 
 
-@pytest.mark.parametrize("name", list(PLAN_VARIANTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "tiled" else n
+                                  for n in PLAN_VARIANTS])   # the tiled chain: ESRGAN unrolled per tile
 def test_variant_matches_interpreter(compile_onnx, name, tmp_path, models_dir, input_dir):
     workflow = PLAN_VARIANTS[name]()
     assert_parity(workflow, compile_onnx(name, workflow), tmp_path, models_dir, input_dir)
