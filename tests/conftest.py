@@ -15,16 +15,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (minutes of AOTInductor builds; CI runs them)")
+    parser.addoption("--full-size", action="store_true", default=False,
+                     help="also run tests marked full_size (real SD1.5-size models, GBs of memory)")
+    parser.addoption("--ray", action="store_true", default=False,
+                     help="also run tests marked ray (kiln serve --ray on a local Ray cluster; needs kiln[ray])")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skips = {marker: pytest.mark.skip(reason=f"{marker}: run with {option}")
+             for marker, option in (("slow", "--runslow"), ("full_size", "--full-size"), ("ray", "--ray"))
+             if not config.getoption(option)}
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
