@@ -4,7 +4,10 @@ interpreter path and the plan path, beside the same workflow run in-process (wha
 spends per image once loaded), and the time from spawning the server to its first answered
 ``POST /prompt``. Every prompt gets its own seed, so nothing is answered from the node cache.
 
-Usage: ``python benchmarks/bench_serve.py [--requests 8] [--results bench_serve]``.
+With ``--ray``, the same load on ``kiln serve --ray`` (a local Ray cluster) with 1 and 2 replicas
+of one CPU each, in the same run.
+
+Usage: ``python benchmarks/bench_serve.py [--requests 8] [--ray] [--results bench_serve]``.
 Writes ``benchmarks/results/<results>.json`` and ``<results>.md``.
 """
 from __future__ import annotations
@@ -144,13 +147,16 @@ def markdown(rows: list[dict], base: dict, start: dict, meta: dict) -> str:
              f"plan {base['plan']:.3f} s. Server start to first answered POST /prompt: {start['first_answer_s']:.2f} s "
              f"(of which a bare `python -c 'import torch'` takes {start['torch_import_s']:.2f} s).", "",
              "p50/p95: POST /prompt to the WebSocket's `executing node: null`. `run`: the prompt's time on the "
-             "worker (history timestamps). `s/image`: wall time over requests (one prompt runs at a time, as in "
-             "ComfyUI); both compared with the in-process time of the same engine.", "",
+             "worker (history timestamps). `s/image`: wall time over requests; both compared with the in-process "
+             f"time of the same engine ({meta['threads']} threads). Workers: `local` is one worker thread in the "
+             "server process (one prompt at a time, as in ComfyUI, all cores); `ray xN`: N Ray Serve replicas of "
+             "one CPU each, one prompt each at a time.", "",
              "| path | clients | requests | req/s | p50 s | p95 s | run p50 s | run / in-process | s/image "
-             "| s/image / in-process |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| s/image / in-process |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines[-2] = "| workers " + lines[-2]
     for r in rows:
         per_image, own = 1 / r["requests_per_s"], base[r["path"]]
-        lines.append(f"| {r['path']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
+        lines.append(f"| {r['workers']} | {r['path']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | "
                      f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['run_p50_s']:.3f} | {r['run_p50_s'] / own:.3f} | "
                      f"{per_image:.3f} | {per_image / own:.3f} |")
     return "\n".join(lines) + "\n"
@@ -161,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--results", default="bench_serve")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--ray", action="store_true", help="also kiln serve --ray with 1 and 2 replicas")
     args = parser.parse_args(argv)
 
     import torch
@@ -179,16 +186,21 @@ def main(argv=None) -> int:
     before = in_process(models, plan, work, runs=10)
     start = {"first_answer_s": min(first_answer(models, work, plans) for _ in range(3)),
              "torch_import_s": min(torch_import() for _ in range(3))}
+    pools = [("local", ())] + ([(f"ray x{n}", ("--ray", "--replicas", str(n), "--cpus-per-replica", "1"))
+                                for n in (1, 2)] if args.ray else [])
     rows = []
-    for path, extra in (("interpreter", ()), ("plan", ("--plans", str(plans)))):
-        server = Server(models, work / "input", work / f"out-{path}", *extra, cache=work / "cache")
-        try:
-            load(server, 1, 2, seed_base=10 ** 6)   # warm: models loaded, plan opened
-            for clients in CONCURRENCY:
-                rows.append({"path": path, **load(server, clients, args.requests, seed_base=clients * 10 ** 5)})
-                print(json.dumps(rows[-1]), file=sys.stderr)
-        finally:
-            server.stop()
+    for workers, pool in pools:
+        for path, extra in (("interpreter", ()), ("plan", ("--plans", str(plans)))):
+            out = work / f"out-{path}-{workers.replace(' ', '')}"
+            server = Server(models, work / "input", out, *extra, *pool, cache=work / "cache", timeout=300)
+            try:
+                load(server, 2, 2, seed_base=10 ** 6)   # warm: every worker's models loaded, plan opened
+                for clients in CONCURRENCY:
+                    rows.append({"workers": workers, "path": path,
+                                 **load(server, clients, args.requests, seed_base=clients * 10 ** 5)})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+            finally:
+                server.stop()
     after = in_process(models, plan, work, runs=10)   # the machine drifts: bracket the server runs
     base = {engine: (before[engine] + after[engine]) / 2 for engine in before}
     meta = {"device": f"cpu ({platform.machine()})", "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="saved images, previews (.preview/) and the history (.kiln-history.sqlite)")
     serve.add_argument("--listen", default="127.0.0.1", help="the address to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8188)
-    serve.add_argument("--plans", type=Path, help="serve the plans in this folder (and add compiled ones there)")
+    serve.add_argument("--plans", help="serve the plans in this folder (and add compiled ones there), or at an "
+                                       "object-store URI (s3://bucket/plans, file:///shared/plans)")
     serve.add_argument("--compile", choices=("auto", "off"), default="off",
                        help="auto: compile a workflow in the background once it was submitted --compile-after times")
     serve.add_argument("--compile-after", type=int, default=3, metavar="N")
@@ -106,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="sampler previews as binary WebSocket frames (ComfyUI's --preview-method)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the interpreter's)")
     serve.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    scaling = serve.add_argument_group("Ray Serve (pip install 'kiln[ray]')")
+    scaling.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="run the jobs on Ray Serve replicas: on a Ray cluster started for the server (no ADDRESS, "
+                              "or 'local'), or on the cluster at ADDRESS ('auto' finds a running one; "
+                              "'ray://host:10001')")
+    scaling.add_argument("--replicas", type=int, default=1, metavar="N",
+                         help="replicas (the autoscaling minimum with --max-replicas)")
+    scaling.add_argument("--max-replicas", type=int, metavar="N", help="autoscale between --replicas and N")
+    scaling.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G")
+    scaling.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C")
     serve.set_defaults(handler=_serve)
     for p in (run, inspect, demo, compile_, serve, convert):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -264,14 +275,24 @@ def _seconds_since_process_start() -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kiln.server.serve import ServeOptions, serve
+    from kiln.server.serve import RayOptions, ServeOptions, serve
 
+    ray = None
+    if args.ray is not None:
+        if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+            raise KilnError([Problem("replicas", "replicas must be at least 1, --max-replicas at least --replicas",
+                                     input_name="--replicas", found=f"{args.replicas}..{args.max_replicas}")])
+        ray = RayOptions(args.ray, args.replicas, args.max_replicas,
+                         args.gpus_per_replica, args.cpus_per_replica)
+    elif args.max_replicas is not None or args.replicas != 1 or args.gpus_per_replica:
+        raise KilnError([Problem("ray_options", "--replicas, --max-replicas and --gpus-per-replica need --ray",
+                                 input_name="--ray")])
     return serve(ServeOptions(
         models=args.models, input_dir=args.input_dir, output_dir=args.output_dir,
         extra_model_paths=args.extra_model_paths, listen=args.listen, port=args.port, plans=args.plans,
         compile=args.compile, compile_after=args.compile_after, max_models=args.max_models, cache_mb=args.cache_mb,
         max_upload_mb=args.max_upload_mb, api_key=args.api_key, preview_method=args.preview_method,
-        device=args.device, dtype=args.dtype, settings=args.settings))
+        device=args.device, dtype=args.dtype, settings=args.settings), ray)
 
 
 def _convert(args: argparse.Namespace) -> int:

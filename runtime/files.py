@@ -9,16 +9,22 @@ from typing import BinaryIO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[BinaryIO]:
     """A binary file to write; it appears at ``path`` (folder created) only when the block
-    finishes, via a temporary file in the same folder and a rename; on error it is removed."""
+    finishes, via a temporary file in the same folder and a rename; on error it is removed.
+    ``exclusive``: never replace a file already there (``FileExistsError``), so that processes
+    writing into one folder (Ray replicas saving images) each claim a name of their own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kiln-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -79,11 +79,16 @@ def write_pngs(images: torch.Tensor, filename_prefix: str, output_dir: str, prom
         metadata.add_text(key, json.dumps(value))
     saved = []
     for batch_number, image in enumerate(images):
-        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        path = os.path.join(folder, name)
-        with atomic_file(path) as f:
-            Image.fromarray(to_uint8(image.cpu()).numpy()).save(f, format="PNG", pnginfo=metadata,
-                                                               compress_level=compress_level)
+        pixels = Image.fromarray(to_uint8(image.cpu()).numpy())
+        while True:   # another process saving into the folder may take a counter first
+            name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+            path = os.path.join(folder, name)
+            try:
+                with atomic_file(path, exclusive=True) as f:
+                    pixels.save(f, format="PNG", pnginfo=metadata, compress_level=compress_level)
+                break
+            except FileExistsError:
+                counter += 1
         saved.append(SavedImage(path, name, subfolder, kind))
         counter += 1
     return saved

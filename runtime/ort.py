@@ -79,8 +79,10 @@ def session_options(ort, *, optimized: bool, prepack: bool = True):
     or not (onnxruntime applies every optimization, layout ones included, as the session opens).
     ``prepack``: onnxruntime packs each matrix weight for its kernels as the session opens (~1 s
     for the SD1.5 UNet on 2 cores, then each step ~20% faster): worth it for a session that runs
-    many images, not for one."""
+    many images, not for one. onnxruntime's threads are torch's (all cores, or what OMP_NUM_THREADS
+    or a Ray replica's CPUs allow), so a process sharing a machine stays within its share."""
     options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_DISABLE_ALL if optimized else level.ORT_ENABLE_ALL
     options.log_severity_level = 3   # errors only: optimizer notes are not the user's business

@@ -24,7 +24,8 @@ def free_port() -> int:
 class Server:
     """``kiln serve`` in a child process; ``url`` answers once it is up."""
 
-    def __init__(self, models: Path, input_dir: Path, output_dir: Path, *args: str, cache: Path | None = None):
+    def __init__(self, models: Path, input_dir: Path, output_dir: Path, *args: str, cache: Path | None = None,
+                 timeout: float = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_dir = output_dir
@@ -36,7 +37,11 @@ class Server:
         self.log = open(output_dir.parent / f"serve-{self.port}.log", "wb")
         self.process = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.started = time.monotonic()
-        self.ready_after = self._wait_until_up()
+        try:
+            self.ready_after = self._wait_until_up(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_until_up(self, timeout: float = 120.0) -> float:
         while time.monotonic() - self.started < timeout:

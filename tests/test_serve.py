@@ -6,6 +6,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -390,3 +392,31 @@ def test_compile_auto_compiles_a_repeated_workflow_and_serves_it(models_dir, inp
 def test_the_server_answers_soon_after_start(server):
     assert server.ready_after < 30   # the benchmark measures it; this only catches a hang
     assert uuid.UUID(server.queue_prompt(variant(txt2img(), "3", seed=9))["prompt_id"])
+
+
+# --- kiln serve --ray without a cluster (tests/test_serve_ray.py runs one) -----------------------
+def _serve_refusal(models_dir, input_dir, tmp_path, *args, env=None) -> str:
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "--models", str(models_dir), "--input-dir",
+                             str(input_dir), "--output-dir", str(tmp_path / "output"), "--port", "0", *args],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(models_dir, input_dir, tmp_path):
+    missing = tmp_path / "no-ray" / "ray"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    stderr = _serve_refusal(models_dir, input_dir, tmp_path, "--ray", env={"PYTHONPATH": str(missing.parent)})
+    assert "needs Ray Serve" in stderr and "pip install 'kiln[ray]'" in stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--ray", "--compile", "auto"), "--compile auto is not available with --ray"),
+    (("--replicas", "2"), "need --ray"),
+    (("--ray", "--replicas", "2", "--max-replicas", "1"), "--max-replicas at least --replicas"),
+    (("--plans", "nosuchstore://bucket/plans"), "cannot list the plans"),
+])
+def test_ray_and_plan_storage_options_are_checked_before_serving(models_dir, input_dir, tmp_path, args, says):
+    assert says in _serve_refusal(models_dir, input_dir, tmp_path, *args)

@@ -90,9 +90,27 @@ class PlanCatalog:
         """The entry's plan, loaded on its first hit and kept."""
         with self._lock:
             entry.hits += 1
-            if entry.loaded is None:
-                entry.loaded = load_plan(entry.path, settings=self.settings)
-            return entry.loaded
+            return self._load(entry)
+
+    def count_hit(self, entry: PlanEntry) -> None:
+        """A prompt for ``entry`` went to a worker elsewhere (a Ray replica)."""
+        with self._lock:
+            entry.hits += 1
+
+    def load(self, name: str) -> None:
+        """Load the plan ``name`` before its first prompt (a Ray replica warming it)."""
+        with self._lock:
+            self._load(self._entries[name])
+
+    def _load(self, entry: PlanEntry) -> LoadedPlan:
+        if entry.loaded is None:
+            entry.loaded = load_plan(entry.path, settings=self.settings)
+        return entry.loaded
+
+    def unload(self, name: str) -> None:
+        """Drop the loaded plan ``name`` (its next prompt loads it again)."""
+        with self._lock:
+            self._entries[name].loaded = None
 
     def listing(self) -> list[dict]:
         with self._lock:

@@ -35,6 +35,7 @@ class Outcome:
     outputs: dict[str, dict] = field(default_factory=dict)     # node id -> ui dict
     messages: list[list] = field(default_factory=list)         # [[event, data], ...]
     engine: str = "interpreter"                                # or "plan <name>", "cache"
+    worker: str | None = None                                  # the Ray replica that ran it
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class Runner:
             emit_preview: Callable[[object, str], None] | None = None) -> Outcome:
         with self._lock:
             return _Execution(self, job, emit, stop, emit_preview).run()
+
+
+def interrupted(job: Job, node_id: str | None, executed: list[str]) -> dict:
+    """``execution_interrupted``'s data: the node that was running and those that had finished."""
+    node = job.graph.nodes.get(node_id or "")
+    return {"node_id": node_id, "node_type": getattr(node, "class_type", None), "executed": executed}
 
 
 class _Execution(RunEvents):
@@ -127,10 +134,7 @@ class _Execution(RunEvents):
             self.message("execution_success", {}, history=True)
         except Interrupted:
             self.outcome.status = "interrupted"
-            node = self.job.graph.nodes.get(self.current or "")
-            self.message("execution_interrupted", {"node_id": self.current,
-                                                   "node_type": getattr(node, "class_type", None),
-                                                   "executed": self.finished}, history=True)
+            self.message("execution_interrupted", interrupted(self.job, self.current, self.finished), history=True)
         except Exception as error:   # noqa: BLE001 - reported to the client, the server keeps serving
             self.outcome.status = "error"
             self._error(error)

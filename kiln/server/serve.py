@@ -10,17 +10,30 @@ from pathlib import Path
 from aiohttp import web
 
 from kiln.compiler.node_cache import NodeCache
+from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.settings import Settings
 from kiln.nodes.folders import ModelFolders
 from kiln.nodes.registry import RunContext
 from kiln.server.app import Front, FrontConfig
 from kiln.server.files import PRIVATE_PREFIX
+from kiln.server.plan_storage import is_uri, local_plans
 from kiln.server.plans import PlanCatalog
 from kiln.server.pool import LocalPool
 from kiln.server.runner import Runner, RunnerConfig
 
 log = logging.getLogger("kiln.serve")
 PLANS_FOLDER = f"{PRIVATE_PREFIX}-plans"   # where --compile auto writes plans without --plans
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """``--ray``: where the replicas run and how many."""
+
+    address: str = "local"         # a cluster started for the server; "auto" (a running one), "ray://host:10001"
+    replicas: int = 1               # fixed count, or with max_replicas the autoscaling minimum
+    max_replicas: int | None = None
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,7 @@ class ServeOptions:
     extra_model_paths: Path | None = None
     listen: str = "127.0.0.1"
     port: int = 8188
-    plans: Path | None = None
+    plans: str | None = None        # a folder, or an object-store URI (s3://..., gs://..., file://...)
     compile: str = "off"            # auto | off
     compile_after: int = 3
     max_models: int | None = None
@@ -44,15 +57,23 @@ class ServeOptions:
     settings: Settings = Settings()
 
 
-def build_front(options: ServeOptions) -> Front:
-    """Everything a server is made of, wired; nothing started yet."""
-    models = ModelFolders.from_models_dir(options.models, options.extra_model_paths)
-    plans_dir = options.plans
-    if plans_dir is None and options.compile == "auto":
-        plans_dir = options.output_dir / PLANS_FOLDER
-    if plans_dir is not None:
-        plans_dir.mkdir(parents=True, exist_ok=True)
+def plans_folder(options: ServeOptions) -> Path | None:
+    """The local folder of the plans served: ``--plans`` (a URI's copy, fetched first), else
+    ``--compile auto``'s own folder."""
+    if options.plans is not None:
+        if options.compile == "auto" and is_uri(options.plans):
+            raise KilnError([Problem("plans_uri", "--compile auto writes plans into a folder, not an object store",
+                                     input_name="--plans", found=options.plans,
+                                     hint="compile with 'kiln compile' and upload the plan, or give a folder")])
+        return local_plans(options.plans, options.settings)
+    if options.compile == "auto":
+        folder = options.output_dir / PLANS_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return None
 
+
+def build_catalog(options: ServeOptions, folder: Path | None) -> PlanCatalog:
     def compile_plan(prompt: dict, inputs: list[str], output: Path) -> Path:
         from kiln.compiler.pipeline import compile_workflow
 
@@ -60,25 +81,42 @@ def build_front(options: ServeOptions) -> Front:
                                 input_dir=options.input_dir, inputs=inputs, device=options.device,
                                 dtype=options.dtype, output=output, settings=options.settings)
 
-    catalog = PlanCatalog(plans_dir, options.settings,
-                          compile_after=options.compile_after if options.compile == "auto" else None,
-                          compiler=compile_plan)
+    return PlanCatalog(folder, options.settings,
+                       compile_after=options.compile_after if options.compile == "auto" else None,
+                       compiler=compile_plan)
+
+
+def build_runner(options: ServeOptions, catalog: PlanCatalog) -> Runner:
+    """A worker's side: the models, the node cache and the plans (in this process or a Ray replica)."""
+    models = ModelFolders.from_models_dir(options.models, options.extra_model_paths)
     cache = NodeCache(options.max_models, int(options.cache_mb * 2 ** 20) if options.cache_mb else None)
-    runner = Runner(RunnerConfig(models, str(options.input_dir), str(options.output_dir), options.device,
-                                 options.dtype, options.settings, previews=options.preview_method != "none"),
-                    catalog, cache)
-    context = RunContext(models=models, input_dir=str(options.input_dir))
+    return Runner(RunnerConfig(models, str(options.input_dir), str(options.output_dir), options.device,
+                               options.dtype, options.settings, previews=options.preview_method != "none"),
+                  catalog, cache)
+
+
+def build_front(options: ServeOptions, ray: RayOptions | None = None) -> Front:
+    """Everything a server is made of, wired; with ``ray``, the workers are Ray Serve replicas."""
+    catalog = build_catalog(options, plans_folder(options))
+    if ray is None:
+        pool = LocalPool(build_runner(options, catalog))
+    else:
+        from kiln.server.ray_pool import RayPool
+
+        pool = RayPool.start(options, ray, catalog)
+    context = RunContext(models=ModelFolders.from_models_dir(options.models, options.extra_model_paths),
+                         input_dir=str(options.input_dir))
     return Front(FrontConfig(options.output_dir, options.input_dir, options.max_upload_mb, options.api_key),
-                 context, LocalPool(runner), catalog)
+                 context, pool, catalog)
 
 
-def serve(options: ServeOptions) -> int:
+def serve(options: ServeOptions, ray: RayOptions | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if options.listen not in ("127.0.0.1", "localhost", "::1"):
         print(f"kiln serve: warning: listening on {options.listen} makes the server reachable from other "
               "machines" + ("" if options.api_key else "; anyone who can reach it can run prompts (see --api-key)"),
               file=sys.stderr)
-    front = build_front(options)
+    front = build_front(options, ray)
     print(f"kiln serve: http://{options.listen}:{options.port} (plans: {len(front.plans.listing())}, "
           f"compile {options.compile})", file=sys.stderr, flush=True)
     web.run_app(front.app(), host=options.listen, port=options.port, print=None, handle_signals=True, access_log=None)
