@@ -377,6 +377,10 @@ def main() -> int:
     cache = args.workdir / "cache" if not args.shared_cache else Settings.from_environment().artifact_cache
 
     write_models(args.workdir / "models", names)
+    meta = {"device": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+            "reps": args.reps, "warm_runs": args.warm_runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
@@ -384,12 +388,9 @@ def main() -> int:
                          args.backends.split(",")):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("compile", "samples")}), file=sys.stderr)
-    meta = {"device": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
-            "reps": args.reps, "warm_runs": args.warm_runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.results}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    (RESULTS / f"{args.results}.md").write_text(markdown(rows, meta))
+        # after each configuration, so a run cut short keeps what it measured
+        (RESULTS / f"{args.results}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        (RESULTS / f"{args.results}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 
