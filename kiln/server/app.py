@@ -31,7 +31,7 @@ from kiln.server.plans import PlanCatalog
 from kiln.server.pool import WorkerPool
 from kiln.server.protocol import preview_frame, text_frame, timestamp
 from kiln.server.queue import Job, PromptQueue
-from kiln.server.runner import Outcome
+from kiln.server.runner import Outcome, execution_error
 from kiln.compiler.ui_workflow import is_ui_workflow
 from kiln.server.validation import Refusal, check_prompt, error
 
@@ -201,14 +201,10 @@ class Front:
                 outcome = await self.pool.run(job, self)
             except Exception as failure:   # noqa: BLE001 - a broken worker fails the job, not the server
                 log.exception("kiln serve: worker failed on prompt %s", job.prompt_id)
-                node_id = self.current.get(job.prompt_id)
-                node = job.graph.nodes.get(node_id or "")
                 outcome = Outcome("error", messages=[["execution_error", {
-                    "prompt_id": job.prompt_id, "timestamp": timestamp(), "node_id": node_id,
-                    "node_type": getattr(node, "class_type", None), "executed": [],
-                    "exception_message": f"{type(failure).__name__}: {failure}",
-                    "exception_type": type(failure).__name__, "traceback": [], "current_inputs": {},
-                    "current_outputs": []}]])
+                    "prompt_id": job.prompt_id, "timestamp": timestamp(),
+                    **execution_error(job, self.current.get(job.prompt_id), [], f"{type(failure).__name__}: {failure}",
+                                      type(failure).__name__)}]])
                 self.send(job, "execution_error", outcome.messages[0][1])
             self._record(job, outcome)
             self.current.pop(job.prompt_id, None)

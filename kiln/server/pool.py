@@ -7,7 +7,7 @@ import abc
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from kiln.server.queue import Job
@@ -50,9 +50,9 @@ class JobThreads:
     """Runs jobs on ``runner`` in a worker thread, so an event loop never blocks on model work;
     the jobs' stop flags, for interrupts."""
 
-    def __init__(self, runner: Runner, executor: Executor | None = None):
+    def __init__(self, runner: Runner):
         self.runner = runner
-        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-worker")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-worker")
         self._stops: dict[str, threading.Event] = {}
 
     async def events(self, job: Job) -> AsyncIterator[Event]:

@@ -12,7 +12,7 @@ from ray import serve
 
 from kiln.server.pool import Event, JobThreads
 from kiln.server.queue import Job
-from kiln.server.serve import ServeOptions, build_catalog, build_runner, plans_folder
+from kiln.server.serve import ServeOptions, build_catalog, build_runner, model_folders, plans_folder
 
 WARM_PLANS = 4   # plans each replica keeps loaded, least recently used dropped first
 
@@ -31,7 +31,8 @@ class WarmPlan:
 
 class KilnReplica:
     def __init__(self, options: ServeOptions):
-        self.threads = JobThreads(build_runner(options, build_catalog(options, plans_folder(options))))
+        catalog = build_catalog(options, plans_folder(options))
+        self.threads = JobThreads(build_runner(options, catalog, model_folders(options)))
         self.name = serve.get_replica_context().replica_id.unique_id
 
     @serve.multiplexed(max_num_models_per_replica=WARM_PLANS)

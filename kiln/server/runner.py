@@ -74,6 +74,12 @@ def interrupted(job: Job, node_id: str | None, executed: list[str]) -> dict:
     return {"node_id": node_id, "node_type": getattr(node, "class_type", None), "executed": executed}
 
 
+def execution_error(job: Job, node_id: str | None, executed: list[str], message: str, error_type: str) -> dict:
+    """``execution_error``'s data, as ComfyUI shapes it (no traceback: the message says what failed)."""
+    return {**interrupted(job, node_id, executed), "exception_message": message, "exception_type": error_type,
+            "traceback": [], "current_inputs": {}, "current_outputs": []}
+
+
 class _Execution(RunEvents):
     """One job's run and the messages it sends."""
 
@@ -143,14 +149,11 @@ class _Execution(RunEvents):
     def _error(self, error: Exception) -> None:
         problem = error.problems[0] if isinstance(error, KilnError) and error.problems else None
         node_id = (problem.node_id if problem is not None and problem.node_id else None) or self.current
-        node = self.job.graph.nodes.get(node_id or "")
         message = problem.format() if problem is not None else f"{type(error).__name__}: {error}"
         if problem is None:
             log.exception("kiln serve: prompt %s failed", self.job.prompt_id)
-        self.message("execution_error", {
-            "node_id": node_id, "node_type": getattr(node, "class_type", None), "executed": self.finished,
-            "exception_message": message, "exception_type": type(error.__cause__ or error).__name__,
-            "traceback": [], "current_inputs": {}, "current_outputs": []}, history=True)
+        self.message("execution_error", execution_error(self.job, node_id, self.finished, message,
+                                                        type(error.__cause__ or error).__name__), history=True)
 
     def _context(self) -> RunContext:
         config = self.runner.config

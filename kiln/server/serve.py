@@ -86,9 +86,12 @@ def build_catalog(options: ServeOptions, folder: Path | None) -> PlanCatalog:
                        compiler=compile_plan)
 
 
-def build_runner(options: ServeOptions, catalog: PlanCatalog) -> Runner:
+def model_folders(options: ServeOptions) -> ModelFolders:
+    return ModelFolders.from_models_dir(options.models, options.extra_model_paths)
+
+
+def build_runner(options: ServeOptions, catalog: PlanCatalog, models: ModelFolders) -> Runner:
     """A worker's side: the models, the node cache and the plans (in this process or a Ray replica)."""
-    models = ModelFolders.from_models_dir(options.models, options.extra_model_paths)
     cache = NodeCache(options.max_models, int(options.cache_mb * 2 ** 20) if options.cache_mb else None)
     return Runner(RunnerConfig(models, str(options.input_dir), str(options.output_dir), options.device,
                                options.dtype, options.settings, previews=options.preview_method != "none"),
@@ -98,14 +101,14 @@ def build_runner(options: ServeOptions, catalog: PlanCatalog) -> Runner:
 def build_front(options: ServeOptions, ray: RayOptions | None = None) -> Front:
     """Everything a server is made of, wired; with ``ray``, the workers are Ray Serve replicas."""
     catalog = build_catalog(options, plans_folder(options))
+    models = model_folders(options)
     if ray is None:
-        pool = LocalPool(build_runner(options, catalog))
+        pool = LocalPool(build_runner(options, catalog, models))
     else:
         from kiln.server.ray_pool import RayPool
 
         pool = RayPool.start(options, ray, catalog)
-    context = RunContext(models=ModelFolders.from_models_dir(options.models, options.extra_model_paths),
-                         input_dir=str(options.input_dir))
+    context = RunContext(models=models, input_dir=str(options.input_dir))
     return Front(FrontConfig(options.output_dir, options.input_dir, options.max_upload_mb, options.api_key),
                  context, pool, catalog)
 
