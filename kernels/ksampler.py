@@ -28,6 +28,8 @@ ENABLE, DISABLE = "enable", "disable"
 
 # callback(step, denoised, x, total_steps), called before step ``step`` updates x.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
+# Called before each evaluation of the denoiser (a benchmark's count of model calls).
+ModelCall = Callable[[], None]
 # prepare(noise, latent_image, denoise_mask): what the denoiser resolves once per run, in
 # sampler space (the guider's conditioning, an inpainting UNet's extra channels).
 Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
@@ -49,7 +51,8 @@ def ksampler_schedule(model_sampling, settings: Mapping[str, Any]) -> tuple[torc
 def sample_latent(model: Denoiser, latent_format: LatentFormat, latent: torch.Tensor, *, sampler_name: str,
                   sigmas: torch.Tensor, seed: int, device: torch.device | str, add_noise: bool = True,
                   batch_index=None, noise_mask: torch.Tensor | None = None, prepare: Prepare | None = None,
-                  callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE) -> torch.Tensor:
+                  callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE,
+                  on_model_call: ModelCall | None = None) -> torch.Tensor:
     """A raw LATENT's ``samples`` sampled over ``sigmas``: raw latent out, on ``device``.
 
     One CPU noise draw for the batch (per-item draws with ``batch_index``), none without
@@ -75,7 +78,7 @@ def sample_latent(model: Denoiser, latent_format: LatentFormat, latent: torch.Te
     if prepare is not None:
         prepare(noise, x0, denoise_mask)
     samples = ksampler_sample(model, sampler_name, sigmas, noise, x0, seed=seed, denoise_mask=denoise_mask,
-                              callback=callback, step_mode=step_mode)
+                              callback=callback, step_mode=step_mode, on_model_call=on_model_call)
     return latent_format.process_out(samples.to(torch.float32))
 
 
@@ -93,10 +96,12 @@ class InpaintDenoiser(Denoiser):
     applies to the guided prediction, so the prediction comes back combined (the CFG++ samplers
     still get the raw negative one, as ComfyUI's post-CFG hook sees it)."""
 
-    def __init__(self, model: Denoiser, latent_image: torch.Tensor, noise: torch.Tensor):
+    def __init__(self, model: Denoiser, latent_image: torch.Tensor, noise: torch.Tensor,
+                 on_call: ModelCall | None = None):
         self.inner_model = model
         self.latent_image = latent_image
         self.noise = noise
+        self.on_call = on_call
 
     @property
     def model_sampling(self):
@@ -104,6 +109,8 @@ class InpaintDenoiser(Denoiser):
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, *, denoise_mask: torch.Tensor | None = None,
                 **extra_args) -> Prediction:
+        if self.on_call is not None:
+            self.on_call()
         if denoise_mask is None:
             return self.inner_model.predict(x, sigma, **extra_args)
         latent_mask = 1.0 - denoise_mask
@@ -117,7 +124,8 @@ class InpaintDenoiser(Denoiser):
 
 def ksampler_sample(model: Denoiser, sampler_name: str, sigmas: torch.Tensor, noise: torch.Tensor,
                     latent_image: torch.Tensor, *, seed: int, denoise_mask: torch.Tensor | None = None,
-                    callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE) -> torch.Tensor:
+                    callback: StepCallback | None = None, step_mode: str = DEFAULT_MODE,
+                    on_model_call: ModelCall | None = None) -> torch.Tensor:
     """Run ``sampler_name`` over ``sigmas`` from ``noise`` around ``latent_image`` (sampler space).
 
     ``denoise_mask`` must already have the latent's shape (see ``kiln.kernels.batching.prepare_mask``).
@@ -128,7 +136,7 @@ def ksampler_sample(model: Denoiser, sampler_name: str, sigmas: torch.Tensor, no
         # torch.manual_seed (the global generator, as ComfyUI), drawn on the CPU.
         generator = torch.manual_seed(seed + 1)
         inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise.dtype).to(noise.device)
-    denoiser = InpaintDenoiser(model, latent_image, inpaint_noise)
+    denoiser = InpaintDenoiser(model, latent_image, inpaint_noise, on_model_call)
 
     x = start_latent(model.model_sampling, sigmas, noise, latent_image)
     extra_args = {"seed": seed, "denoise_mask": denoise_mask, STEP_MODE: step_mode}

@@ -236,6 +236,8 @@ class RunContext:
     progress: Callable[[int, int], None] | None = None
     # preview(denoised sampler-space latent, its LatentFormat) after each sampler step, when wanted
     preview: Callable[[Any, Any], None] | None = None
+    # called before each evaluation of a sampler's model (kiln bench counts model calls)
+    on_model_call: Callable[[], None] | None = None
     cache: dict = field(default_factory=dict)   # loaded models, keyed by path and options
     # Hold every loaded model as long as the context lives (a caller that runs graphs again with it,
     # a benchmark's warm runs); by default a model is freed once no node of the run reads it.

@@ -41,14 +41,15 @@ def common_ksampler(ctx: RunContext, model, seed: int, cfg: float, settings: dic
                             sigmas=sigmas, seed=seed, device=model.device, add_noise=add_noise,
                             batch_index=latent.get("batch_index"), noise_mask=latent.get("noise_mask"),
                             prepare=guider.prepare, callback=callback,
-                            step_mode=ctx.settings.step_mode(reference=True))
+                            step_mode=ctx.settings.step_mode(reference=True), on_model_call=ctx.on_model_call)
     return ({**latent, "samples": samples.cpu()},)
 
 
 @node("KSampler",
       [SOCKET("model", "MODEL"), INT("seed", 0, 0, _SEED_MAX), *_STEPS_CFG_SAMPLER, FLOAT("denoise", 1.0, 0.0, 1.0, 0.01)],
       ["LATENT"], category="sampling", seed="seed", foldable=False, needs_context=True,
-      plan=PlanSpec("sample", runtime_widgets={"seed": "seed", "steps": "steps", "cfg": "cfg", "denoise": "denoise"}))
+      plan=PlanSpec("sample", runtime_widgets={"seed": "seed", "steps": "steps", "cfg": "cfg", "sampler_name": "sampler_name",
+                                               "scheduler": "scheduler", "denoise": "denoise"}))
 def ksampler(ctx: RunContext, *, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
              positive: list, negative: list, latent_image: dict, denoise: float) -> tuple:
     """Denoise ``latent_image`` from noise level ``denoise`` (1.0 = from pure noise) in ``steps`` steps."""
@@ -61,8 +62,10 @@ def ksampler(ctx: RunContext, *, model, seed: int, steps: int, cfg: float, sampl
        *_STEPS_CFG_SAMPLER, INT("start_at_step", 0, 0, 10000), INT("end_at_step", 10000, 0, 10000),
        COMBO("return_with_leftover_noise", (DISABLE, ENABLE), DISABLE)],
       ["LATENT"], category="sampling", seed="noise_seed", foldable=False, needs_context=True,
-      plan=PlanSpec("sample", runtime_widgets={"noise_seed": "seed", "steps": "steps", "cfg": "cfg",
-                                               "start_at_step": "start_at_step", "end_at_step": "end_at_step"}),
+      plan=PlanSpec("sample", runtime_widgets={"add_noise": "add_noise", "noise_seed": "seed", "steps": "steps",
+                                               "cfg": "cfg", "sampler_name": "sampler_name", "scheduler": "scheduler",
+                                               "start_at_step": "start_at_step", "end_at_step": "end_at_step",
+                                               "return_with_leftover_noise": "return_with_leftover_noise"}),
       display_name="KSampler (Advanced)")
 def ksampler_advanced(ctx: RunContext, *, model, add_noise: str, noise_seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, positive: list, negative: list, latent_image: dict,

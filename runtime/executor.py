@@ -41,7 +41,8 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
              prompt: dict | None = None, extra_pnginfo: dict | None = None,
              on_stage: Callable[[StageSpec], None] | None = None,
              on_preview: Callable[[str, Any, float], None] | None = None,
-             lora_dirs: Sequence[str | Path] = (), input_dir: str | Path | None = None) -> PlanRun:
+             lora_dirs: Sequence[str | Path] = (), input_dir: str | Path | None = None,
+             on_model_call: Callable[[], None] | None = None) -> PlanRun:
     """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
 
     ``on_step(stage_name, step, total)`` reports sampler progress, ``on_stage(stage)`` each stage
@@ -49,7 +50,8 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
     scale_factor)`` each sampler step's prediction. Saved PNGs carry ``prompt`` (by default the
     plan's workflow with the input values) and the ``extra_pnginfo`` chunks. ``lora_dirs``: where
     the plan's ``lora`` stages find the files their runtime ``lora_name`` names; ``input_dir``:
-    where its ``load_image`` stages find the runtime ``image`` files.
+    where its ``load_image`` stages find the runtime ``image`` files; ``on_model_call()`` is
+    called before each evaluation of a sampler's denoiser.
     """
     manifest = plan.manifest
     bound = bind_inputs(manifest, values or {})
@@ -65,7 +67,7 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
                        on_step=on_step, tokenizers=plan.tokenizers, settings=settings,
                        extra_pnginfo=extra_pnginfo, on_preview=on_preview,
                        lora_dirs=tuple(Path(d) for d in lora_dirs),
-                       input_dir=None if input_dir is None else Path(input_dir))
+                       input_dir=None if input_dir is None else Path(input_dir), on_model_call=on_model_call)
     run = PlanRun(images=ctx.images)
     applied: list = []
     lora_nodes = [n for s in manifest.stages if s.kind == "lora" for n in s.node_ids]

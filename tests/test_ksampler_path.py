@@ -121,6 +121,21 @@ def test_ksampler_node_txt2img_end_to_end():
     assert len(model.calls) == 4
 
 
+@pytest.mark.parametrize("sampler,calls", [("euler", 4), ("heun", 7), ("dpmpp_2m", 4), ("dpm_2", 7)])
+def test_every_model_evaluation_is_reported(sampler, calls):
+    """``on_model_call`` (kiln bench's count): once per denoiser evaluation, whatever the sampler
+    (heun and dpm_2 evaluate twice per step but the last, which steps to sigma 0)."""
+    model = FakeModel()
+    positive, negative = _conds()
+    (latent,) = empty_latent_image(width=64, height=64, batch_size=1)
+    counted = []
+    ctx = RunContext(on_model_call=lambda: counted.append(len(model.calls)))
+    ksampler(ctx, model=model, seed=7, steps=4, cfg=6.5, sampler_name=sampler, scheduler="normal",
+             positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    assert len(counted) == calls == len(model.calls)
+    assert counted == list(range(calls))   # each reported before its evaluation
+
+
 def test_ksampler_node_img2img_starts_at_denoise_sigma():
     model = FakeModel()
     positive, negative = _conds()

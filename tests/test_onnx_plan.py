@@ -102,6 +102,19 @@ def test_declared_sizes_run_without_reexport(t2i_plan, onnx_cache, tmp_path, mod
         run_plan(load_plan(t2i_plan), {"5.width": 104}, output_dir=tmp_path / "refused")
 
 
+def test_sampler_and_scheduler_taken_at_run_time(compile_onnx, tmp_path, models_dir, input_dir):
+    """One plan serves every sampler and schedule (kiln bench's sampler studies): the sampler loop
+    runs in the runtime around the compiled denoiser, as in the interpreter."""
+    plan = load_plan(compile_onnx("samplers", txt2img(), ["3.sampler_name", "3.scheduler", "3.steps"]))
+    for sampler, scheduler in (("dpmpp_2m", "karras"), ("heun", "exponential")):
+        values = {"3.sampler_name": sampler, "3.scheduler": scheduler, "3.steps": 5}
+        assert_parity(txt2img(), plan, tmp_path / sampler, models_dir, input_dir, values)
+    calls = []
+    run_plan(plan, {"3.sampler_name": "heun", "3.steps": 5}, output_dir=tmp_path / "count",
+             on_model_call=lambda: calls.append(1))
+    assert len(calls) == 9   # heun: two evaluations per step, one for the last
+
+
 # --- the plan file -----------------------------------------------------------------------------
 def test_onnx_graphs_are_stored_optimized_and_read_their_weights_from_the_plan_file(hires_plan):
     """CPU graphs are stored as onnxruntime optimized them (NCHWc convolutions, folded weight

@@ -300,8 +300,8 @@ def test_sdxl_samplers_get_pooled_text_and_size_options(models_dir):
         "samples": ["3", 0], "batch_index": 0, "length": 1}}}) or wf["8"]["inputs"].update(samples=["20", 0]),
      [], ["node 20 (LatentFromBatch", "input 'samples' reads node 3 (KSampler)", "expected at run time: KSampler"]),
     (lambda wf: None, ["8.vae"], ["a VAE socket"]),
-    (lambda wf: wf["3"]["inputs"].update(sampler_name="euler"), ["3.sampler_name"],
-     ["node 3 (KSampler", "input 'sampler_name'", "cannot take this input at run time", "KSampler.seed"]),
+    (lambda wf: None, ["9.filename_prefix"],
+     ["node 9 (SaveImage", "input 'filename_prefix'", "cannot take this input at run time", "KSampler.sampler_name"]),
 ])
 def test_what_plans_cannot_run_is_refused_by_name(models_dir, change, inputs, words):
     wf = txt2img()

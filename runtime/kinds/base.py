@@ -33,6 +33,7 @@ class StageContext:
     lora_dirs: tuple[Path, ...] = ()                             # where ``lora`` stages find files by name
     loras: list = field(default_factory=list)                    # LoraSpec: what ``lora`` stages named
     input_dir: Path | None = None                                # where ``load_image`` stages read files
+    on_model_call: Callable[[], None] | None = None              # before each denoiser evaluation
 
 
 class StageKind:

@@ -129,7 +129,7 @@ class Sample(StageKind):
                                 seed=int(values["seed"]), device=device, add_noise=add_noise,
                                 batch_index=stage.params.get("batch_index"), noise_mask=args.get("noise_mask"),
                                 prepare=model.prepare, callback=callback,
-                                step_mode=ctx.settings.step_mode(reference=False))
+                                step_mode=ctx.settings.step_mode(reference=False), on_model_call=ctx.on_model_call)
         return {"samples": samples.cpu()}
 
     def example_outputs(self, stage, inputs, *, module, min_batch, device):
