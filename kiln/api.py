@@ -32,7 +32,7 @@ def run_workflow(workflow: str | Path | dict | Graph, *, models: str | Path | No
     graph = apply_overrides(graph, seed=seed, overrides=overrides or {})
     folders = ModelFolders.from_models_dir(models, extra_model_paths)
     graph = validate(graph, folders, input_dir)
-    _check_device(device, dtype)
+    check_device(device, dtype)
     ctx = RunContext(models=folders, input_dir=str(input_dir) if input_dir else None,
                      output_dir=str(output_dir), device=device, dtype=dtype, prompt=graph.source, settings=settings,
                      extra_pnginfo={"workflow": graph.editor} if graph.editor is not None else None)
@@ -71,7 +71,7 @@ def apply_overrides(graph: Graph, *, seed: int | None, overrides: dict[tuple[str
     return replace(graph, nodes=nodes, source=source)
 
 
-def _check_device(device: str, dtype: str) -> None:
+def check_device(device: str, dtype: str) -> None:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():

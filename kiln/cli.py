@@ -1,5 +1,5 @@
 """The ``kiln`` command line: ``kiln run workflow.json|x.plan``, ``kiln compile``, ``kiln inspect x.plan``,
-``kiln serve``, ``kiln demo``.
+``kiln serve``, ``kiln bench``, ``kiln demo``.
 
 Running or inspecting a plan imports only kiln.runtime (no kiln.compiler, kiln.nodes,
 diffusers or transformers), so everything else is imported lazily. The environment is read
@@ -118,10 +118,60 @@ def _parser() -> argparse.ArgumentParser:
     scaling.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G")
     scaling.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C")
     serve.set_defaults(handler=_serve)
-    for p in (run, inspect, demo, compile_, serve, convert):
+    bench = _bench_parser(sub)
+    for p in (run, inspect, demo, compile_, serve, convert, bench):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks of node failures")
     return parser
+
+
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    bench = sub.add_parser(
+        "bench", help="sampler x scheduler x steps x precision x backend studies: image grids, plots, latency, "
+                      "memory and fidelity", epilog=(
+            "An axis is NAME=VALUES: NODE.INPUT or an input name one node has (--node picks the node when several "
+            "do), or backend, dtype, device; VALUES a comma list, ranges lo..hi[:step], or a JSON list. Example: "
+            "kiln bench wf.json --x sampler_name=euler,dpmpp_2m --y steps=8..32:8 --z scheduler=karras,normal "
+            "--backend interpreter,onnx -o report/"))
+    bench.add_argument("workflow", type=Path, help="workflow.json (API or UI format) or a ComfyUI PNG")
+    bench.add_argument("-o", "--output", type=Path, required=True,
+                       help="the report folder (index.html, results.json/csv, grids, cells/)")
+    for axis, where in (("x", "columns"), ("y", "rows"), ("z", "one grid per value")):
+        bench.add_argument(f"--{axis}", metavar="NAME=VALUES", help=f"an axis: the grid's {where}")
+    bench.add_argument("--backend", metavar="LIST", help="interpreter, onnx, aoti (default interpreter)")
+    bench.add_argument("--dtype", metavar="LIST", help="fp32, bf16, fp16 (default fp32)")
+    bench.add_argument("--device", metavar="LIST", help="cpu, cuda[:N] (default cpu)")
+    bench.add_argument("--node", help="the node bare input names on the axes refer to")
+    bench.add_argument("--seeds", metavar="LIST", help="run every cell at each seed (e.g. 1,2,3 or 1..4)")
+    bench.add_argument("--reference", metavar="NAME=VALUE,...",
+                       help="what fidelity is measured against (default: the fp32 interpreter at the largest steps)")
+    bench.add_argument("--repeat", type=int, default=3, metavar="N", help="timed warm runs per cell and seed")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs before a cell's timed ones")
+    bench.add_argument("--peak-tflops", type=float, metavar="TF",
+                       help="the device's peak TFLOP/s for %% of the FLOP floor (default: estimated)")
+    bench.add_argument("--output-node", metavar="ID", help="the output node whose images are compared "
+                                                           "(default: the workflow's last)")
+    bench.add_argument("--plans", type=Path, help="where compiled plans go (default: <report>/plans)")
+    bench.add_argument("--resume", action="store_true", help="continue the study the report folder holds")
+    bench.add_argument("--models", type=Path, help="a ComfyUI models folder (checkpoints/, vae/, ...)")
+    bench.add_argument("--extra-model-paths", type=Path, help="ComfyUI's extra_model_paths.yaml")
+    bench.add_argument("--input-dir", type=Path, help="where LoadImage finds its files (ComfyUI's input/)")
+    bench.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                       help="set a widget value for the whole study")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(handler=_bench)
+    return bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kiln.bench.runner import BenchOptions, run_bench
+
+    return run_bench(BenchOptions(
+        workflow=args.workflow, output=args.output, x=args.x, y=args.y, z=args.z, backend=args.backend,
+        dtype=args.dtype, device=args.device, node=args.node, seeds=args.seeds, reference=args.reference,
+        repeat=args.repeat, warmup=args.warmup, peak_tflops=args.peak_tflops, output_node=args.output_node,
+        sets=_parse_sets(args.set), models=args.models, extra_model_paths=args.extra_model_paths,
+        input_dir=args.input_dir, plans=args.plans, resume=args.resume, quiet=args.quiet, settings=args.settings))
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ class ProgressBars:
     """``bars(key, step, total, label=None)``: a bar per key, restarted when the key changes or
     its count goes back; closed when it reaches its total (or by ``close``)."""
 
-    def __init__(self, unit: str = "step"):
-        self._unit = unit
+    def __init__(self, unit: str = "step", leave: bool = True):
+        self._unit, self._leave = unit, leave
         self._bar: tqdm | None = None
         self._key: str | None = None
 
@@ -20,7 +20,8 @@ class ProgressBars:
         if self._bar is None or self._key != key or step < self._bar.n:
             self.close()
             self._key = key
-            self._bar = tqdm(total=total, desc=key, unit=self._unit, file=sys.stderr, leave=True, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=key, unit=self._unit, file=sys.stderr, leave=self._leave,
+                             dynamic_ncols=True)
         if label is not None:
             self._bar.set_description(label)
         self._bar.update(step - self._bar.n)

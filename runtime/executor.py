@@ -34,6 +34,7 @@ class StageTiming:
 @dataclass
 class PlanRun(WrittenImages):
     timings: list[StageTiming] = field(default_factory=list)
+    kept: dict[str, Any] = field(default_factory=dict)   # the environment values asked for with ``keep``
 
 
 def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, output_dir: str | Path = "output",
@@ -42,7 +43,7 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
              on_stage: Callable[[StageSpec], None] | None = None,
              on_preview: Callable[[str, Any, float], None] | None = None,
              lora_dirs: Sequence[str | Path] = (), input_dir: str | Path | None = None,
-             on_model_call: Callable[[], None] | None = None) -> PlanRun:
+             on_model_call: Callable[[], None] | None = None, keep: Sequence[str] = ()) -> PlanRun:
     """Run every stage with the runtime inputs ``values`` ({"3.seed": 7, ...}; others default).
 
     ``on_step(stage_name, step, total)`` reports sampler progress, ``on_stage(stage)`` each stage
@@ -51,13 +52,14 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
     plan's workflow with the input values) and the ``extra_pnginfo`` chunks. ``lora_dirs``: where
     the plan's ``lora`` stages find the files their runtime ``lora_name`` names; ``input_dir``:
     where its ``load_image`` stages find the runtime ``image`` files; ``on_model_call()`` is
-    called before each evaluation of a sampler's denoiser.
+    called before each evaluation of a sampler's denoiser; ``keep`` names environment values
+    (stage outputs) to return in ``PlanRun.kept`` (kiln bench compares the sampled latents).
     """
     manifest = plan.manifest
     bound = bind_inputs(manifest, values or {})
     declared = {spec.name: spec for spec in manifest.inputs}
     env: dict[str, Any] = {**plan.constants, **{declared[name].env: v for name, v in bound.items()}}
-    kept = set(env)   # constants and inputs are cheap to keep; stage outputs are freed
+    kept = set(env) | set(keep)   # constants and inputs are cheap to keep; stage outputs are freed
     last_use = {}
     for index, stage in enumerate(manifest.stages):
         for name in (*stage.outputs.values(), *stage.inputs.values()):
@@ -93,6 +95,7 @@ def run_plan(plan: LoadedPlan, values: Mapping[str, Any] | None = None, *, outpu
             for name in (*stage.inputs.values(), *stage.outputs.values()):
                 if last_use[name] == index and name not in kept:
                     env.pop(name, None)
+    run.kept = {name: env[name] for name in keep if name in env}
     return run
 
 
