@@ -97,7 +97,7 @@ def resolve_widget(option: str, name: str, graph: Graph, default_node: str | Non
         if node is None:
             raise _error(option, name, "the workflow has no such node", "one of " + ", ".join(sorted(graph.nodes)),
                          hint=did_you_mean(node_id, graph.nodes))
-        _check_widget(option, node_id, node.class_type, input_name, node.inputs.get(input_name))
+        _check_widget(option, node_id, node, input_name)
         return node_id, input_name
     candidates = [node_id for node_id, node in graph.nodes.items() if name in _widgets(node.class_type)]
     if default_node is not None:
@@ -105,11 +105,11 @@ def resolve_widget(option: str, name: str, graph: Graph, default_node: str | Non
         if node is None:
             raise _error("--node", default_node, "the workflow has no such node",
                          "one of " + ", ".join(sorted(graph.nodes)))
-        _check_widget(option, default_node, node.class_type, name, node.inputs.get(name))
+        _check_widget(option, default_node, node, name)
         return default_node, name
     if len(candidates) == 1:
         node = graph.nodes[candidates[0]]
-        _check_widget(option, candidates[0], node.class_type, name, node.inputs.get(name))
+        _check_widget(option, candidates[0], node, name)
         return candidates[0], name
     if candidates:
         listed = ", ".join(f"{n} ({graph.nodes[n].class_type})" for n in candidates)
@@ -126,19 +126,21 @@ def _widgets(class_type: str) -> list[str]:
     return [spec.name for spec in definition.inputs if spec.is_widget] if definition is not None else []
 
 
-def _check_widget(option: str, node_id: str, class_type: str, input_name: str, value: Any) -> None:
+def _check_widget(option: str, node_id: str, node, input_name: str) -> None:
+    class_type, title = node.class_type, node.title
     if registry.get(class_type) is None:
         raise KilnError([Problem("missing_node_type", f"node type {class_type!r} is not supported by kiln",
-                                 node_id=node_id, class_type=class_type, hint=f"({option})")])
+                                 node_id=node_id, class_type=class_type, title=title, hint=f"({option})")])
     widgets = _widgets(class_type)
     if input_name not in widgets:
         raise KilnError([Problem("invalid_axis", f"{class_type} has no widget {input_name!r}", node_id=node_id,
-                                 class_type=class_type, input_name=input_name,
+                                 class_type=class_type, title=title, input_name=input_name,
                                  expected="one of " + ", ".join(widgets), found=input_name,
                                  hint=" ".join(filter(None, [did_you_mean(input_name, widgets), f"({option})"])))])
+    value = node.inputs.get(input_name)
     if isinstance(value, (Link, list)):
         raise KilnError([Problem("invalid_axis", "the value comes from another node's output, not a widget",
-                                 node_id=node_id, class_type=class_type, input_name=input_name,
+                                 node_id=node_id, class_type=class_type, title=title, input_name=input_name,
                                  expected="a widget value", found=f"a link to node {_source(value)}",
                                  hint=f"({option}: vary that node's input instead)")])
 

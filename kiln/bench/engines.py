@@ -24,9 +24,9 @@ from kiln.kernels.settings import Settings
 from kiln.nodes import registry
 from kiln.nodes.folders import ModelFolders
 from kiln.nodes.registry import RunContext
+from kiln.plan_match import match_values
 from kiln.runtime.executor import bind_inputs, run_plan
 from kiln.runtime.plan import load_plan
-from kiln.server.plans import match_values
 
 # on_step(key, step, total): sampler progress of the run (a node id or a stage name).
 StepHook = Callable[[str, int, int], None]
@@ -90,6 +90,12 @@ class _Counts:
 
     def model_call(self) -> None:
         self.model_calls += 1
+
+
+def copy_image(source: str, destination: Path) -> None:
+    """Keep a run's PNG (with its workflow chunk: ``kiln run`` on it runs that sample again)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
 
 
 def _fresh(folder: Path) -> Path:

@@ -3,41 +3,34 @@ references, then the cells engine by engine (one compiled plan per backend, prec
 static shape), writing results after each cell and the report at the end or on Ctrl-C."""
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from kiln.api import apply_overrides, check_device
 from kiln.bench.axes import Axis, engine_axis, parse_axis, parse_seeds
-from kiln.bench.engines import InterpreterEngine, PlanEngine, RunOutput, Target, find_target
+from kiln.bench.engines import InterpreterEngine, PlanEngine, RunOutput, Target, copy_image, find_target
 from kiln.bench.fidelity import compare
-from kiln.bench.measure import PeakMemory, counting_flops, peak_tflops, release_memory, time_stats
+from kiln.bench.measure import PeakMemory, peak_tflops, release_memory, time_stats
+from kiln.bench.plan_groups import PlanTarget, group_cells, group_plan
+from kiln.bench.progress import StudyProgress
+from kiln.bench.references import References
 from kiln.bench.report import write_report
 from kiln.bench.results import Results
-from kiln.bench.study import Cell, Engine, Sample, Study, parse_reference, runtime_widget
+from kiln.bench.study import Cell, Engine, Study, parse_reference
 from kiln.compiler.graph import Graph
-from kiln.compiler.pipeline import compile_workflow
 from kiln.compiler.validate import validate
 from kiln.compiler.workflow import load_workflow
 from kiln.kernels.errors import KilnError, Problem
 from kiln.kernels.settings import Settings
-from kiln.nodes import registry
 from kiln.nodes.folders import ModelFolders
-from kiln.progress import ProgressBars
 
 INTERRUPTED = 130
 
@@ -144,187 +137,83 @@ def _validated(study: Study, cells: list[Cell], folders: ModelFolders, input_dir
                     graphs[sample.key] = validate(study.graph_of(sample), folders, input_dir)
                 except KilnError as error:
                     for p in error.problems:
-                        hint = " ".join(filter(None, [p.hint, f"(in cell {cell.name})"]))
+                        hint = " ".join(filter(None, [p.hint, _origin(study, p, cell)]))
                         problems.setdefault(p.format(), Problem(**{**p.__dict__, "hint": hint}))
     if problems:
         raise KilnError(problems.values())
     return graphs
 
 
+def _origin(study: Study, problem: Problem, cell: Cell) -> str:
+    """Where a value came from: the axis that set it, else the cell (a value the workflow had)."""
+    for axis in study.axes:
+        if (axis.node_id, axis.input_name) == (problem.node_id, problem.input_name):
+            return f"(from --{axis.role} {axis.name})" if axis.role != "extra" else f"(from --{axis.name})"
+    if problem.node_id is not None and f"{problem.node_id}.{problem.input_name}" in study.reference:
+        return "(from --reference)"
+    return f"(in cell {cell.name})"
+
+
 class _Bench:
-    """The runs of one ``kiln bench`` invocation."""
+    """The runs of one ``kiln bench`` invocation: references first, then the cells engine by engine."""
 
     def __init__(self, study: Study, options: BenchOptions, folders: ModelFolders, graphs: dict[str, Graph],
                  target: Target, results: Results):
         self.study, self.options, self.folders, self.graphs = study, options, folders, graphs
         self.target, self.results = target, results
-        self.folder = options.output
-        self.work = self.folder / ".work"
+        self.work = options.output / ".work"
         self.input_dir = str(options.input_dir) if options.input_dir else None
         self.seeds = study.seeds_or_default()
-        self.bars = ProgressBars(leave=False)
-        self.total: tqdm | None = None
+        self.references = References(study, results, graphs, target, self._interpreter)
+        self.plans = PlanTarget(options.plans or options.output / "plans", options.models, options.extra_model_paths,
+                                options.input_dir, options.settings)
+        self.progress: StudyProgress | None = None
 
-    # --- the whole study ----------------------------------------------------------------------
     def run(self, todo: list[Cell]) -> None:
-        references = self._missing_references(todo)
-        runs = len(references) + sum(len(self.seeds) * self.study.repeat + self.study.warmup for _ in todo)
-        self.total = tqdm(total=runs, desc="kiln bench", unit="run", file=sys.stderr, disable=self.options.quiet,
-                          dynamic_ncols=True, position=0)
-        self._run_references(references)
-        for engine, cells in self._groups(todo):
+        references = self.references.missing(todo)
+        runs = len(references) + len(todo) * (len(self.seeds) * self.study.repeat + self.study.warmup)
+        self.progress = StudyProgress(runs, self.options.quiet)
+        self.references.run(references, self.progress)
+        for engine, cells in group_cells(self.study, todo):
             self._run_group(engine, cells)
 
     def close(self) -> None:
-        self.bars.close()
-        if self.total is not None:
-            self.total.close()
+        if self.progress is not None:
+            self.progress.close()
         shutil.rmtree(self.work, ignore_errors=True)
-
-    def _advance(self, label: str) -> None:
-        if self.total is not None:
-            self.total.set_postfix_str(label, refresh=False)
-            self.total.update()
-
-    def _on_step(self, key: str, step: int, total: int) -> None:
-        if not self.options.quiet:
-            self.bars(f"  {key}", step, total)
-
-    # --- references: the interpreter runs every cell is compared with -----------------------------
-    def _missing_references(self, todo: list[Cell]) -> list[Sample]:
-        needed: dict[str, Sample] = {}
-        for cell in todo:
-            for seed in self.seeds:
-                for sample in (self.study.reference_sample(cell, seed), self.study.baseline_sample(cell, seed)):
-                    needed.setdefault(sample.key, sample)
-        return [s for key, s in needed.items() if not self._reference_stored(key)]
-
-    def _reference_stored(self, key: str) -> bool:
-        record = self.results.reference(key)
-        return record is not None and all((self.folder / f).is_file() for f in record["images"])
-
-    def _run_references(self, samples: list[Sample]) -> None:
-        for engine in sorted({s.engine for s in samples}, key=lambda e: e.label):
-            runner = self._interpreter(engine)
-            try:
-                for sample in (s for s in samples if s.engine == engine):
-                    graph = self.graphs[sample.key]
-                    with counting_flops() as flops:
-                        out = runner.run(graph, self.target, self._on_step)
-                    self._store_reference(sample, graph, out, flops.get_total_flops())
-                    self._advance("reference")
-            finally:
-                runner.close()
-                release_memory()
-
-    def _store_reference(self, sample: Sample, graph: Graph, out: RunOutput, flops: int) -> None:
-        images = [f"references/{sample.key}_{i}.png" for i in range(len(out.image_files))]
-        for source, name in zip(out.image_files, images):
-            _copy(source, self.folder / name)
-        latent = None
-        if out.latent is not None:
-            latent = f"references/{sample.key}.safetensors"
-            save_file({"latent": out.latent.contiguous()}, str(self.folder / latent))
-        self.results.add_reference(sample.key, {"workflow": graph.source, "engine": sample.engine.as_dict(),
-                                                "seed": sample.seed, "flops": flops, "images": images,
-                                                "latent": latent})
-
-    def _reference_outputs(self, key: str) -> tuple[list[np.ndarray], torch.Tensor | None, int]:
-        record = self.results.reference(key)
-        images = [np.asarray(Image.open(self.folder / f).convert("RGB")) for f in record["images"]]
-        latent = load_file(str(self.folder / record["latent"]))["latent"] if record["latent"] else None
-        return images, latent, record["flops"]
-
-    # --- cells, engine by engine ------------------------------------------------------------------
-    def _groups(self, todo: list[Cell]) -> list[tuple[Engine, list[Cell]]]:
-        """Interpreter cells by engine; plan cells by engine and the values a plan cannot take at
-        run time (each group is one compiled plan)."""
-        groups: dict[tuple, list[Cell]] = {}
-        for cell in todo:
-            static = () if cell.engine.backend == "interpreter" else tuple(sorted(
-                (f"{n}.{i}", json.dumps(v)) for (n, i), v in cell.overrides.items()
-                if not runtime_widget(self.study.graph, n, i)))
-            groups.setdefault((cell.engine.backend != "interpreter", cell.engine.label, static), []).append(cell)
-        return [(cells[0].engine, cells) for _, cells in sorted(groups.items(), key=lambda item: item[0])]
-
-    def _run_group(self, engine: Engine, cells: list[Cell]) -> None:
-        if engine.backend == "interpreter":
-            self._run_cells(self._interpreter(engine), cells, None, None)
-            return
-        plan, compile_s, fallback = self._plan(engine, cells)
-        served, refused = list(cells), []
-        if plan is not None:
-            served, refused = self._split_by_plan(plan, cells)
-            self._run_cells(plan, served, compile_s, None)
-        if fallback is not None or refused:
-            reason = fallback or "the plan compiled for this group does not serve it"
-            self._run_cells(self._interpreter(engine), refused if plan is not None else cells, None, reason)
-
-    def _split_by_plan(self, plan: PlanEngine, cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
-        served, refused = [], []
-        for cell in cells:
-            try:
-                for seed in self.seeds:
-                    plan.values(self.graphs[self.study.sample(cell, seed).key])
-                served.append(cell)
-            except KilnError:
-                refused.append(cell)
-        return served, refused
 
     def _interpreter(self, engine: Engine) -> InterpreterEngine:
         return InterpreterEngine(engine.dtype, engine.device, self.folders, self.input_dir, self.work,
                                  self.options.settings)
 
-    def _plan(self, engine: Engine, cells: list[Cell]) -> tuple[PlanEngine | None, float | None, str | None]:
-        """The group's plan (compiled, or reused from a stopped run), its compile time, or why
-        no plan serves the group (the reason its cells then run on the interpreter)."""
-        first = self.graphs[self.study.sample(cells[0], self.seeds[0]).key]
-        inputs = self._runtime_inputs(cells)
-        key = hashlib.sha256(json.dumps([first.source, inputs, engine.as_dict()], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:12]
-        plans = self.options.plans or self.folder / "plans"
-        path = plans / f"{engine.backend}-{engine.dtype}-{engine.device.replace(':', '')}-{key}.plan"
-        record = self.results.group(key)
-        if record is None or (record["plan"] is not None and not path.is_file()):
-            record = self._compile(engine, first, inputs, path)
-            self.results.add_group(key, record)
-        if record["fallback"] is not None:
-            return None, None, record["fallback"]
-        return PlanEngine(path, self.work, self.options.settings, self.folders.searched("loras"),
-                          self.input_dir), record["compile_s"], None
+    def _graph(self, cell: Cell, seed: int | None) -> Graph:
+        return self.graphs[self.study.sample(cell, seed).key]
 
-    def _compile(self, engine: Engine, graph: Graph, inputs: list[str], path: Path) -> dict:
-        self.bars.close()
-        start = time.perf_counter()
-        record = {"backend": engine.backend, "dtype": engine.dtype, "device": engine.device, "inputs": inputs,
-                  "plan": str(path), "compile_s": None, "fallback": None}
+    # --- a group of cells -----------------------------------------------------------------------
+    def _run_group(self, engine: Engine, cells: list[Cell]) -> None:
+        if engine.backend == "interpreter":
+            self._run_cells(self._interpreter(engine), cells, None, None)
+            return
+        record = group_plan(self.study, engine, cells, self._graph(cells[0], self.seeds[0]), self.results,
+                            self.plans, self.progress)
+        refused, reason = cells, record["fallback"]
+        if record["plan"] is not None:
+            plan = PlanEngine(Path(record["plan"]), self.work, self.options.settings, self.folders.searched("loras"),
+                              self.input_dir)
+            served = [cell for cell in cells if self._serves(plan, cell)]
+            refused = [cell for cell in cells if cell not in served]
+            reason = "the plan compiled for this group does not serve it"
+            self._run_cells(plan, served, record["compile_s"], None)
+        if refused:
+            self._run_cells(self._interpreter(engine), refused, None, reason)
+
+    def _serves(self, plan: PlanEngine, cell: Cell) -> bool:
         try:
-            compile_workflow(graph.source, models=self.options.models, extra_model_paths=self.options.extra_model_paths,
-                             input_dir=self.options.input_dir, inputs=inputs, device=engine.device,
-                             dtype=engine.dtype, backend=engine.backend, output=path, settings=self.options.settings,
-                             progress=None if self.options.quiet else
-                             lambda stage, i, n: self.bars(f"  compiling {engine.label}", i, n, f"  compiling {stage}"))
-        except KilnError as error:
-            record.update(plan=None, fallback=f"no {engine.backend} plan: " + "; ".join(
-                p.format() for p in error.problems))
-            return record
-        finally:
-            self.bars.close()
-        record["compile_s"] = time.perf_counter() - start
-        return record
-
-    def _runtime_inputs(self, cells: list[Cell]) -> list[str]:
-        """``--input`` declarations for the widget axes a plan takes at run time (numbers with the
-        range the cells span)."""
-        inputs = []
-        for axis in self.study.axes:
-            if axis.engine or not runtime_widget(self.study.graph, axis.node_id, axis.input_name):
-                continue
-            spec = registry.get(self.study.graph.nodes[axis.node_id].class_type).input(axis.input_name)
-            values = [cell.values[axis.name] for cell in cells]
-            span = f"={min(values)}..{max(values)}" if spec.type in ("INT", "FLOAT") else ""
-            inputs.append(f"{axis.node_id}.{axis.input_name}{span}")
-        return inputs
+            for seed in self.seeds:
+                plan.values(self._graph(cell, seed))
+        except KilnError:
+            return False
+        return True
 
     def _run_cells(self, runner, cells: list[Cell], compile_s: float | None, fallback: str | None) -> None:
         try:
@@ -334,56 +223,50 @@ class _Bench:
             runner.close()
             release_memory()
 
+    # --- one cell -------------------------------------------------------------------------------
     def _run_cell(self, runner, cell: Cell, compile_s: float | None, fallback: str | None) -> None:
         peak = PeakMemory(cell.engine.device)
         peak.reset()
         times, per_call, last = [], [], []
         for index, seed in enumerate(self.seeds):
-            graph = self.graphs[self.study.sample(cell, seed).key]
+            graph = self._graph(cell, seed)
             for _ in range(self.study.warmup if index == 0 else 0):
-                runner.run(graph, self.target, self._on_step)
-                self._advance(cell.name)
+                runner.run(graph, self.target, self.progress.step)
+                self.progress.advance(cell.name)
             for _ in range(self.study.repeat):
-                out = runner.run(graph, self.target, self._on_step)
+                out = runner.run(graph, self.target, self.progress.step)
                 times.append(out.seconds)
                 if out.model_calls:
                     per_call.append(out.sampler_seconds / out.model_calls * 1000)
-                self._advance(cell.name)
+                self.progress.advance(cell.name)
             last.append(out)
-            _copy(out.image_files[0], self.folder / "cells" / cell.image_name(seed))
+            copy_image(out.image_files[0], self.options.output / "cells" / cell.image_name(seed))
         self.results.add_cell(self._record(cell, runner, last, times, per_call, peak, compile_s, fallback))
 
     def _record(self, cell: Cell, runner, outs: list[RunOutput], times: list[float], per_call: list[float],
                 peak: PeakMemory, compile_s: float | None, fallback: str | None) -> dict:
         images = [image for out in outs for image in out.images()]
         latents = [out.latent for out in outs]
-        fidelity, flops = {}, None
+        fidelity = {}
         for against, sample_of in (("reference", self.study.reference_sample),
                                    ("fp32_interpreter", self.study.baseline_sample)):
-            refs = [self._reference_outputs(sample_of(cell, seed).key) for seed in self.seeds]
-            ref_images = [image for images_, _, _ in refs for image in images_]
-            fidelity[against] = compare(images, ref_images, latents, [latent for _, latent, _ in refs])
-            if against == "fp32_interpreter":
-                flops = refs[0][2]
+            refs = [self.references.outputs(sample_of(cell, seed)) for seed in self.seeds]
+            fidelity[against] = compare(images, [image for ref, _, _ in refs for image in ref], latents,
+                                        [latent for _, latent, _ in refs])
+        flops = self.references.outputs(self.study.baseline_sample(cell, self.seeds[0]))[2]
         median = statistics.median(times)
         tflops, _ = peak_tflops(cell.engine.device, cell.engine.dtype, self.options.peak_tflops)
-        seeds = [s for s in self.seeds if s is not None]
         return {"name": cell.name, "values": cell.values, "engine": cell.engine.as_dict(), "ran_on": runner.ran_on,
                 "fallback": fallback, "status": "done", "image": f"cells/{cell.image_name(self.seeds[0])}",
-                "images": [f"cells/{cell.image_name(seed)}" for seed in self.seeds], "seeds": seeds,
+                "images": [f"cells/{cell.image_name(seed)}" for seed in self.seeds],
+                "seeds": [s for s in self.seeds if s is not None],
                 "time_s": time_stats(times), "compile_s": compile_s, "load_s": runner.load_seconds,
                 "steps": outs[0].steps, "model_calls": outs[0].model_calls,
                 "ms_per_model_call": statistics.median(per_call) if per_call else None,
                 "peak_memory_mib": peak.peak_mib(), "memory_kind": peak.kind,
-                "gflops": flops / 1e9 if flops is not None else None, "peak_tflops": tflops,
+                "gflops": flops / 1e9, "peak_tflops": tflops,
                 "floor_pct": 100 * flops / (tflops * 1e12) / median if flops and tflops else None,
-                "fidelity": fidelity, "pareto": False,
-                "workflow": self.graphs[self.study.sample(cell, self.seeds[0]).key].source}
-
-
-def _copy(source: str, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
+                "fidelity": fidelity, "pareto": False, "workflow": self._graph(cell, self.seeds[0]).source}
 
 
 def _pending(cell: Cell) -> dict:

@@ -1,10 +1,8 @@
 """Answering from plans: the compiled plans a server knows, which submitted workflow each one
 serves, and compiling a workflow in the background once it has been submitted often enough.
 
-A workflow matches a plan when it is the plan's source workflow with the same nodes, classes and
-links, differing only in values the plan takes at run time, each of the right type and inside
-the compiled range (``kiln.runtime.executor.bind_inputs``). Anything else runs on the interpreter:
-a plan is never used for a workflow it was not compiled for.
+A workflow matches a plan as ``kiln.plan_match`` says; anything else runs on the interpreter: a
+plan is never used for a workflow it was not compiled for.
 """
 from __future__ import annotations
 
@@ -14,17 +12,17 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from kiln.kernels.errors import KilnError
 from kiln.kernels.settings import Settings
 from kiln.nodes import registry
+from kiln.plan_match import clean_node, match_values
 from kiln.runtime.executor import bind_inputs
 from kiln.runtime.manifest import Manifest
 from kiln.runtime.plan import LoadedPlan, PlanReader, load_plan
 
 log = logging.getLogger("kiln.serve")
-_IGNORED_KEYS = ("_meta",)
 
 
 @dataclass
@@ -165,51 +163,11 @@ class PlanCatalog:
             thread.join(timeout)
 
 
-def _clean(node: Any) -> dict:
-    if not isinstance(node, dict):
-        return {}
-    inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
-    return {"class_type": node.get("class_type"), "inputs": inputs}
-
-
-def match_values(manifest: Manifest, prompt: dict, graph) -> dict | None:
-    """The runtime input values of ``prompt`` for the plan, or None when anything else differs.
-
-    Values compare as validation converted them (``graph``), so ``7`` and ``7.0`` are one cfg."""
-    source = manifest.workflow
-    if set(source) != set(prompt):
-        return None
-    runtime = {(i.node_id, i.input_name): i.name for i in manifest.inputs}
-    values = {}
-    for node_id, planned in source.items():
-        a, b = _clean(planned), _clean(prompt[node_id])
-        if a["class_type"] != b["class_type"] or set(a["inputs"]) != set(b["inputs"]):
-            return None
-        node = graph.nodes.get(node_id)
-        for name, planned_value in a["inputs"].items():
-            given = node.inputs.get(name, b["inputs"][name]) if node is not None else b["inputs"][name]
-            if (node_id, name) in runtime:
-                values[runtime[(node_id, name)]] = given
-            elif not _same(planned_value, b["inputs"][name], given):
-                return None
-    return values
-
-
-def _same(planned: Any, raw: Any, converted: Any) -> bool:
-    if isinstance(planned, list):   # a link [node id, slot]
-        return isinstance(raw, list) and [str(x) for x in planned] == [str(x) for x in raw]
-    if isinstance(planned, bool) or isinstance(converted, bool):
-        return planned == converted and type(planned) is type(converted)
-    if isinstance(planned, (int, float)) and isinstance(converted, (int, float)):
-        return float(planned) == float(converted)
-    return planned == converted
-
-
 def shape_key(prompt: dict) -> str:
     """The workflow with its sampler seeds left out: submissions that differ only in seeds share it."""
     shape = {}
     for node_id, node in sorted(prompt.items()):
-        node = _clean(node)
+        node = clean_node(node)
         definition = registry.get(node["class_type"] or "")
         seed = definition.seed if definition is not None else None
         shape[node_id] = [node["class_type"], {k: v for k, v in sorted(node["inputs"].items()) if k != seed}]
@@ -222,12 +180,12 @@ def runtime_inputs_for(prompts: list[dict]) -> tuple[list[str], str | None]:
     inputs, refused = [], []
     first = prompts[0]
     for node_id, node in sorted(first.items()):
-        node = _clean(node)
+        node = clean_node(node)
         definition = registry.get(node["class_type"] or "")
         for name, value in node["inputs"].items():
             if isinstance(value, list) or definition is None or name == definition.seed:
                 continue
-            if all(_clean(p.get(node_id))["inputs"].get(name) == value for p in prompts[1:]):
+            if all(clean_node(p.get(node_id))["inputs"].get(name) == value for p in prompts[1:]):
                 continue
             if definition.plan is not None and name in definition.plan.runtime_widgets:
                 inputs.append(f"{node_id}.{name}")
