@@ -136,8 +136,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("workflow", type=Path, help="workflow.json (API or UI format) or a ComfyUI PNG")
     bench.add_argument("-o", "--output", type=Path, required=True,
                        help="the report folder (index.html, results.json/csv, grids, cells/)")
-    for axis, where in (("x", "columns"), ("y", "rows"), ("z", "one grid per value")):
-        bench.add_argument(f"--{axis}", metavar="NAME=VALUES", help=f"an axis: the grid's {where}")
+    for axis, where in (("x", "the grid's columns"), ("y", "the grid's rows"), ("z", "one grid per value")):
+        bench.add_argument(f"--{axis}", metavar="NAME=VALUES", help=f"an axis: {where}")
     bench.add_argument("--backend", metavar="LIST", help="interpreter, onnx, aoti (default interpreter)")
     bench.add_argument("--dtype", metavar="LIST", help="fp32, bf16, fp16 (default fp32)")
     bench.add_argument("--device", metavar="LIST", help="cpu, cuda[:N] (default cpu)")
@@ -145,8 +145,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--seeds", metavar="LIST", help="run every cell at each seed (e.g. 1,2,3 or 1..4)")
     bench.add_argument("--reference", metavar="NAME=VALUE,...",
                        help="what fidelity is measured against (default: the fp32 interpreter at the largest steps)")
-    bench.add_argument("--repeat", type=int, default=3, metavar="N", help="timed warm runs per cell and seed")
-    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs before a cell's timed ones")
+    bench.add_argument("--repeat", type=int, default=3, metavar="N", help="timed warm runs per cell and seed (default 3)")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs before a cell's timed ones (default 1)")
     bench.add_argument("--peak-tflops", type=float, metavar="TF",
                        help="the device's peak TFLOP/s for %% of the FLOP floor (default: estimated)")
     bench.add_argument("--output-node", metavar="ID", help="the output node whose images are compared "

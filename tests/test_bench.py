@@ -179,6 +179,29 @@ def test_a_group_no_plan_serves_runs_on_the_interpreter_and_says_so(workflow_fil
     assert "fallback" in (report / "index.html").read_text()
 
 
+def test_seeds_are_samples_of_each_cell(workflow_file, models_dir, tmp_path):
+    report = tmp_path / "report"
+    assert _bench(workflow_file, models_dir, report, {}, "--seeds", "1..2", "--repeat", "1", "--warmup", "0") == 0
+    (cell,) = _results(report)["cells"]
+    assert cell["name"] == "workflow" and cell["seeds"] == [1, 2]
+    assert cell["images"] == ["cells/workflow,seed=1.png", "cells/workflow,seed=2.png"]
+    first, second = (_pixels(report / image) for image in cell["images"])
+    assert not np.array_equal(first, second)
+    assert cell["fidelity"]["reference"]["psnr"] == math.inf   # both seeds against their own reference
+    assert (report / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_an_aoti_study_serves_its_cells_from_one_plan(workflow_file, models_dir, compiled_cache, tmp_path):
+    report = tmp_path / "report"
+    assert _bench(workflow_file, models_dir, report, {"KILN_CACHE_DIR": str(compiled_cache)},
+                  "--x", "sampler_name=euler,dpmpp_2m", "--backend", "aoti", "--repeat", "1") == 0
+    cells = _results(report)["cells"]
+    assert [c["ran_on"] for c in cells] == ["aoti", "aoti"] and len(list((report / "plans").glob("*.plan"))) == 1
+    for cell in cells:
+        assert PARITY["fp32"][0] <= cell["fidelity"]["fp32_interpreter"]["psnr"]
+
+
 @pytest.mark.parametrize("args,words", [
     (["--x", "samplr=euler"], ["invalid_axis", "no node of the workflow has this widget", "did you mean 'sampler_name'"]),
     (["--x", "3.sampler=euler"], ['node 3 (KSampler "My Sampler")', "input 'sampler'", "has no widget",

@@ -51,6 +51,7 @@ class RunOutput:
     latent: torch.Tensor | None
 
     def images(self) -> list[np.ndarray]:
+        """The images as they were saved (read before the engine's next run replaces them)."""
         return [np.asarray(Image.open(path).convert("RGB")) for path in self.image_files]
 
 

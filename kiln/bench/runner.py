@@ -227,7 +227,7 @@ class _Bench:
     def _run_cell(self, runner, cell: Cell, compile_s: float | None, fallback: str | None) -> None:
         peak = PeakMemory(cell.engine.device)
         peak.reset()
-        times, per_call, last = [], [], []
+        times, per_call, last, images = [], [], [], []
         for index, seed in enumerate(self.seeds):
             graph = self._graph(cell, seed)
             for _ in range(self.study.warmup if index == 0 else 0):
@@ -240,12 +240,12 @@ class _Bench:
                     per_call.append(out.sampler_seconds / out.model_calls * 1000)
                 self.progress.advance(cell.name)
             last.append(out)
+            images.extend(out.images())   # before the next run's images take the scratch folder
             copy_image(out.image_files[0], self.options.output / "cells" / cell.image_name(seed))
-        self.results.add_cell(self._record(cell, runner, last, times, per_call, peak, compile_s, fallback))
+        self.results.add_cell(self._record(cell, runner, last, images, times, per_call, peak, compile_s, fallback))
 
-    def _record(self, cell: Cell, runner, outs: list[RunOutput], times: list[float], per_call: list[float],
-                peak: PeakMemory, compile_s: float | None, fallback: str | None) -> dict:
-        images = [image for out in outs for image in out.images()]
+    def _record(self, cell: Cell, runner, outs: list[RunOutput], images: list, times: list[float],
+                per_call: list[float], peak: PeakMemory, compile_s: float | None, fallback: str | None) -> dict:
         latents = [out.latent for out in outs]
         fidelity = {}
         for against, sample_of in (("reference", self.study.reference_sample),

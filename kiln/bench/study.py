@@ -166,7 +166,8 @@ def runtime_widget(graph: Graph, node_id: str, input_name: str) -> bool:
 
 
 def _file_stem(values: dict) -> str:
-    return ",".join(f"{name}={_text(value)}" for name, value in values.items())
+    """``sampler_name=euler,steps=8``; ``workflow`` for a study without axes (the workflow as it is)."""
+    return ",".join(f"{name}={_text(value)}" for name, value in values.items()) or "workflow"
 
 
 def _text(value: Any) -> str:
