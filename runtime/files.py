@@ -7,6 +7,10 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
+# The process' file creation mask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[BinaryIO]:
@@ -18,6 +22,7 @@ def atomic_file(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kiln-", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # as open() would create it, not mkstemp's owner-only mode
         with os.fdopen(fd, "wb") as f:
             yield f
         if exclusive:

@@ -44,15 +44,18 @@ def group_cells(study: Study, cells: list[Cell]) -> list[tuple[Engine, list[Cell
 
 def group_plan(study: Study, engine: Engine, cells: list[Cell], workflow: Graph, results: Results,
                target: PlanTarget, progress: StudyProgress) -> dict:
-    """The group's plan record (``plan``: its path, ``compile_s``; or ``fallback``: why no plan
+    """The group's plan record (``plan``: its path, relative to the report folder when inside it,
+    ``compile_s``; or ``fallback``: why no plan
     serves it), compiled unless a stopped run of the study already did."""
     inputs = runtime_inputs(study, cells)
     key = hashlib.sha256(json.dumps([workflow.source, inputs, engine.as_dict()], sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     path = target.folder / f"{engine.backend}-{engine.dtype}-{engine.device.replace(':', '')}-{key}.plan"
     record = results.group(key)
-    if record is None or (record["plan"] is not None and not Path(record["plan"]).is_file()):
+    if record is None or (record["plan"] is not None and not (results.folder / record["plan"]).is_file()):
         record = _compile(engine, workflow, inputs, path, target, progress)
+        if record["plan"] is not None and path.is_relative_to(results.folder):
+            record["plan"] = str(path.relative_to(results.folder))   # the report folder may move
         results.add_group(key, record)
     return record
 

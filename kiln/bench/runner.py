@@ -198,7 +198,7 @@ class _Bench:
                             self.plans, self.progress)
         refused, reason = cells, record["fallback"]
         if record["plan"] is not None:
-            plan = PlanEngine(Path(record["plan"]), self.work, self.options.settings, self.folders.searched("loras"),
+            plan = PlanEngine(self.options.output / record["plan"], self.work, self.options.settings, self.folders.searched("loras"),
                               self.input_dir)
             served = [cell for cell in cells if self._serves(plan, cell)]
             refused = [cell for cell in cells if cell not in served]
