@@ -116,7 +116,7 @@ def test_a_runtime_lora_name_is_applied_when_the_plan_runs(build, models, tmp_pa
 
 def test_runtime_lora_names_are_checked(build, models, tmp_path):
     workflow = with_loras(txt2img("base.safetensors"), ("style.safetensors", 0.8, 0.0))
-    loaded = load_plan(build("aoti", "runtime-name", workflow, inputs=["30.lora_name", "30.strength_model"]))
+    loaded = load_plan(build("onnx", "runtime-name", workflow, inputs=["30.lora_name", "30.strength_model"]))
     cases = {"../checkpoints/base.safetensors": "inside the LoRA folders", "/etc/passwd": "inside the LoRA folders",
              "nope.safetensors": "no such LoRA file"}
     for name, words in cases.items():
@@ -140,7 +140,7 @@ def test_a_constant_lora_after_a_runtime_one_is_refused(build, models):
 
 
 def test_bad_loras_are_refused_naming_what_was_expected(build, models):
-    plan = build("aoti", "folded", txt2img("base.safetensors"))
+    plan = build("onnx", "folded", txt2img("base.safetensors"))
     loras = models / "loras"
     cases = {
         # A text-encoder LoRA at a CLIP strength on a plan whose prompts were encoded at compile time.
@@ -166,7 +166,7 @@ def test_spec_syntax():
 
 
 def test_cli_applies_loras_and_reports_the_patch_time(build, models, tmp_path, capsys):
-    plan = build("aoti", "folded", txt2img("base.safetensors"))
+    plan = build("onnx", "folded", txt2img("base.safetensors"))
     lora = models / "loras" / "detail.safetensors"
     assert main(["run", str(plan), "--lora", f"{lora}:0.7:0", "--timings", "--quiet",
                  "-o", str(tmp_path / "out")]) == 0
