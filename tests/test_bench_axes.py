@@ -10,6 +10,7 @@ import torch
 
 from kiln.bench.axes import engine_axis, parse_axis, parse_seeds, parse_values
 from kiln.bench.fidelity import compare
+from kiln.bench.plan_groups import group_cells, runtime_inputs
 from kiln.bench.results import dumps, load, mark_pareto
 from kiln.bench.study import Study, parse_reference
 from kiln.compiler.workflow import parse_workflow
@@ -74,6 +75,18 @@ def test_cells_run_x_fastest_and_references_take_the_largest_steps():
     assert chosen == {"3.steps": 64, "3.sampler_name": "dpmpp_2m", "dtype": "bf16"}
     with pytest.raises(KilnError, match="the reference runs on the interpreter"):
         parse_reference("backend=onnx", axes, graph, None)
+
+
+def test_one_plan_per_backend_and_size_the_rest_taken_at_run_time():
+    graph = parse_workflow(txt2img())
+    axes = [parse_axis("--x", "sampler_name=euler,heun", "x", graph, None),
+            parse_axis("--y", "5.width=64,96", "y", graph, None), parse_axis("--z", "cfg=5..7", "z", graph, None),
+            engine_axis("--backend", "backend", "interpreter,onnx")]
+    groups = group_cells(Study(graph, "t2i.json", axes), Study(graph, "t2i.json", axes).cells())
+    assert [(engine.backend, len(cells)) for engine, cells in groups] == [("interpreter", 12), ("onnx", 6), ("onnx", 6)]
+    widths = [{cell.values["5.width"] for cell in cells} for _, cells in groups[1:]]
+    assert widths == [{64}, {96}]   # a plan per size, compiled at it
+    assert runtime_inputs(Study(graph, "t2i.json", axes), groups[1][1]) == ["3.sampler_name", "3.cfg=5..7"]
 
 
 def test_odd_values_make_safe_unique_file_names():

@@ -51,6 +51,8 @@ def write_grids(results: dict, folder: Path) -> list[Grid]:
     for page in itertools.product(*[axis["values"] for axis in paged]):
         fixed = {axis["name"]: value for axis, value in zip(paged, page)}
         file = f"grid_{_sanitize('_'.join(str(value) for value in page))}.png" if paged else "grid.png"
+        if file in (grid.file for grid in grids):   # values that differ only in unsafe characters
+            file = f"{file[:-4]}~{len(grids)}.png"
         title = ", ".join(f"{name}={value}" for name, value in fixed.items()) or study["workflow_file"]
         grid_cells = [[cells.get(tuple({**fixed, **column, **row}.get(name) for name in names))
                        for _, column in columns] for _, row in rows]

@@ -1,7 +1,7 @@
 """Which cells share an engine: interpreter cells by dtype and device; plan cells by backend,
-dtype, device and the values a plan cannot take at run time, each such group served by one
-compiled plan whose runtime inputs are the axes' widgets (kept in ``plans/`` for ``--resume``
-and for deploying the winner)."""
+dtype, device, static shape and the values a plan cannot take at run time, each such group
+served by one compiled plan whose runtime inputs are the other axes' widgets (kept in
+``plans/`` for ``--resume`` and for deploying the winner)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kiln.bench.progress import StudyProgress
 from kiln.bench.results import Results
-from kiln.bench.study import Cell, Engine, Study, runtime_widget
+from kiln.bench.study import Cell, Engine, Study, plan_input
 from kiln.compiler.graph import Graph
 from kiln.compiler.pipeline import compile_workflow
 from kiln.kernels.errors import KilnError
@@ -37,7 +37,7 @@ def group_cells(study: Study, cells: list[Cell]) -> list[tuple[Engine, list[Cell
     for cell in cells:
         static = () if cell.engine.backend == "interpreter" else tuple(sorted(
             (f"{n}.{i}", json.dumps(v)) for (n, i), v in cell.overrides.items()
-            if not runtime_widget(study.graph, n, i)))
+            if not plan_input(study.graph, n, i)))
         groups.setdefault((cell.engine.backend != "interpreter", cell.engine.label, static), []).append(cell)
     return [(cells[0].engine, cells) for _, cells in sorted(groups.items(), key=lambda item: item[0])]
 
@@ -65,7 +65,7 @@ def runtime_inputs(study: Study, cells: list[Cell]) -> list[str]:
     range the cells span)."""
     inputs = []
     for axis in study.axes:
-        if axis.engine or not runtime_widget(study.graph, axis.node_id, axis.input_name):
+        if axis.engine or not plan_input(study.graph, axis.node_id, axis.input_name):
             continue
         spec = registry.get(study.graph.nodes[axis.node_id].class_type).input(axis.input_name)
         values = [cell.values[axis.name] for cell in cells]

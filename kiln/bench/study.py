@@ -22,6 +22,7 @@ from kiln.kernels.errors import KilnError, Problem
 from kiln.nodes import registry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]")
+_SHAPE_KINDS = ("empty_latent", "load_image")   # plan stage kinds whose widgets set tensor shapes
 _MAX_NAME = 120
 
 
@@ -159,10 +160,14 @@ def parse_reference(text: str | None, axes: list[Axis], graph: Graph, default_no
     return reference
 
 
-def runtime_widget(graph: Graph, node_id: str, input_name: str) -> bool:
-    """Whether a compiled plan can take this widget at run time (the node's plan spec says)."""
+def plan_input(graph: Graph, node_id: str, input_name: str) -> bool:
+    """Whether a study's plan takes this widget at run time: the node's plan spec allows it, and it
+    does not set a tensor's shape. Sizes (EmptyLatentImage's, a loaded image) get a plan each,
+    compiled at that size: a plan takes other sizes only inside a compiled range, and nodes such
+    as lanczos resizes or tiled upscales compile only at one."""
     definition = registry.get(graph.nodes[node_id].class_type)
-    return definition is not None and definition.plan is not None and input_name in definition.plan.runtime_widgets
+    plan = definition.plan if definition is not None else None
+    return plan is not None and plan.kind not in _SHAPE_KINDS and input_name in plan.runtime_widgets
 
 
 def _file_stem(values: dict) -> str:
