@@ -45,13 +45,10 @@ def study(workflow_file, models_dir, compiled_cache, tmp_path_factory) -> Path:
 
 
 def _bench(workflow: Path, models: Path, report: Path, env: dict, *args: str) -> int:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
         return main(["bench", str(workflow), "--models", str(models), "-o", str(report), "--quiet", *args])
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _results(report: Path) -> dict:

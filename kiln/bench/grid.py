@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from kiln.bench.study import safe_file_stem
+
 MAX_SIDE = 256   # thumbnails fit this box ...
 MIN_SIDE = 128   # ... and small images (the tiny test models' 64 px) are enlarged to at least this
 GAP = 4
@@ -47,12 +49,10 @@ def write_grids(results: dict, folder: Path) -> list[Grid]:
     columns = _choices(axes, "x")
     rows = _choices(axes, "y")
     paged = [axis for axis in axes if axis["role"] == "z"] + [axis for axis in axes if axis["role"] == "extra"]
-    grids = []
+    grids, taken = [], set()
     for page in itertools.product(*[axis["values"] for axis in paged]):
         fixed = {axis["name"]: value for axis, value in zip(paged, page)}
-        file = f"grid_{_sanitize('_'.join(str(value) for value in page))}.png" if paged else "grid.png"
-        if file in (grid.file for grid in grids):   # values that differ only in unsafe characters
-            file = f"{file[:-4]}~{len(grids)}.png"
+        file = f"{safe_file_stem('grid_' + '_'.join(map(str, page)), taken)}.png" if paged else "grid.png"
         title = ", ".join(f"{name}={value}" for name, value in fixed.items()) or study["workflow_file"]
         grid_cells = [[cells.get(tuple({**fixed, **column, **row}.get(name) for name in names))
                        for _, column in columns] for _, row in rows]
@@ -70,10 +70,6 @@ def _choices(axes: list[dict], role: str) -> list[tuple[str, dict]]:
     if axis is None:
         return [("", {})]
     return [(f"{axis['name']}={value}", {axis["name"]: value}) for value in axis["values"]]
-
-
-def _sanitize(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", label)
 
 
 def _thumbnail(folder: Path, cell: dict) -> Image.Image | None:

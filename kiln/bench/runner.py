@@ -247,13 +247,15 @@ class _Bench:
     def _record(self, cell: Cell, runner, outs: list[RunOutput], images: list, times: list[float],
                 per_call: list[float], peak: PeakMemory, compile_s: float | None, fallback: str | None) -> dict:
         latents = [out.latent for out in outs]
+        samples = {"reference": [self.study.reference_sample(cell, seed) for seed in self.seeds],
+                   "fp32_interpreter": [self.study.baseline_sample(cell, seed) for seed in self.seeds]}
+        stored = {s.key: self.references.outputs(s) for against in samples.values() for s in against}
         fidelity = {}
-        for against, sample_of in (("reference", self.study.reference_sample),
-                                   ("fp32_interpreter", self.study.baseline_sample)):
-            refs = [self.references.outputs(sample_of(cell, seed)) for seed in self.seeds]
+        for against, runs in samples.items():
+            refs = [stored[s.key] for s in runs]
             fidelity[against] = compare(images, [image for ref, _, _ in refs for image in ref], latents,
                                         [latent for _, latent, _ in refs])
-        flops = self.references.outputs(self.study.baseline_sample(cell, self.seeds[0]))[2]
+        flops = stored[samples["fp32_interpreter"][0].key][2]   # the cell's workflow at fp32
         median = statistics.median(times)
         tflops, _ = peak_tflops(cell.engine.device, cell.engine.dtype, self.options.peak_tflops)
         return {"name": cell.name, "values": cell.values, "engine": cell.engine.as_dict(), "ran_on": runner.ran_on,

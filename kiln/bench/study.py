@@ -84,7 +84,7 @@ class Study:
         for combo in itertools.product(*(axis.values for axis in ordered)):
             values = {axis.name: value for axis, value in zip(reversed(ordered), reversed(combo))}
             overrides = {(a.node_id, a.input_name): values[a.name] for a in self.axes if not a.engine}
-            name = _unique(_file_stem(values), names)
+            name = safe_file_stem(_file_stem(values), names)
             cells.append(Cell(name, values, self._engine(values), overrides))
         return cells
 
@@ -179,9 +179,9 @@ def _text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def _unique(stem: str, taken: set[str]) -> str:
-    """``stem`` made safe as a file name: unsafe characters become ``_``; a long or clashing name
-    gets a digest of the original."""
+def safe_file_stem(stem: str, taken: set[str]) -> str:
+    """``stem`` made safe as a file name (cells, grids): unsafe characters become ``_``; a long
+    name, or one already in ``taken``, gets a digest of the original. Adds it to ``taken``."""
     safe = _UNSAFE.sub("_", stem)
     if len(safe) > _MAX_NAME or safe in taken:
         safe = safe[:_MAX_NAME] + "~" + hashlib.sha256(stem.encode()).hexdigest()[:8]
